@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from unet_core.augment import augment_sample, deform, elastic_field
+
+
+def test_zero_sigma_is_identity(rng):
+    image = rng.random((1, 40, 40)).astype(np.float32)
+    labels = rng.integers(0, 5, (40, 40))
+    field = elastic_field((40, 40), sigma=0.0, grid=3, rng=rng)
+    np.testing.assert_allclose(deform(image[0], field, order=3), image[0], atol=1e-5)
+    np.testing.assert_array_equal(deform(labels, field, order=0), labels)
+
+
+def test_displacement_statistics_match_paper_parameters():
+    rng = np.random.default_rng(0)
+    coarse = []
+    for _ in range(300):
+        field = elastic_field((90, 90), sigma=10.0, grid=3, rng=rng)
+        coarse.append(field[:, 15, 15])  # centre of the first coarse cell: a grid value
+    coarse = np.array(coarse)
+    assert coarse.std() == pytest.approx(10.0, rel=0.1)
+    assert abs(coarse.mean()) < 1.5
+    field = elastic_field((90, 90), sigma=10.0, grid=3, rng=np.random.default_rng(1))
+    # smooth: neighbouring pixels move almost alike
+    assert np.abs(np.diff(field, axis=1)).max() < 2.0
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (16, 24, 24)])
+def test_labels_stay_a_subset_of_input_ids(shape, rng):
+    labels = rng.choice([0, 3, 17, 42], size=shape)
+    image = rng.random((1, *shape)).astype(np.float32)
+    weight = rng.random(shape).astype(np.float32)
+    out_image, out_labels, out_weight = augment_sample(image, labels, weight, rng=rng)
+    assert set(np.unique(out_labels)) <= {0, 3, 17, 42}
+    assert out_image.shape == image.shape and out_weight.shape == weight.shape
+
+
+def test_reproducible_from_seed():
+    image = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    labels = np.zeros((32, 32), np.int64)
+    weight = np.ones((32, 32), np.float32)
+    a = augment_sample(image, labels, weight, rng=np.random.default_rng(5))
+    b = augment_sample(image, labels, weight, rng=np.random.default_rng(5))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

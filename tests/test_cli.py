@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import numpy as np
+import tifffile
+
+from unet_core.cli import build_parser, main
+from unet_core.demo import DEMO_STACKS, synthetic_cells
+
+
+def test_one_subcommand_per_stage():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"demo-data", "ingest", "weight-map", "train", "predict", "segment", "evaluate", "report"} <= set(commands)
+
+
+def test_demo_data_is_deterministic_and_has_ground_truth(tmp_path):
+    assert main(["demo-data", str(tmp_path / "a"), "--seed", "3"]) == 0
+    assert main(["demo-data", str(tmp_path / "b"), "--seed", "3"]) == 0
+    for name, (kind, shape, has_truth) in DEMO_STACKS.items():
+        a = tifffile.imread(tmp_path / "a" / f"{name}.tif")
+        np.testing.assert_array_equal(a, tifffile.imread(tmp_path / "b" / f"{name}.tif"))
+        assert a.shape == shape
+        assert (tmp_path / "a" / f"{name}_labels.tif").exists() == has_truth
+
+
+def test_synthetic_cells_touch_and_are_separated():
+    image, labels = synthetic_cells((2, 96, 96), seed=1)
+    assert image.dtype == np.uint16 and labels.max() > 5
+    # touching cells are separated by background: no two ids are 4-adjacent
+    a, b = labels[:, :, :-1], labels[:, :, 1:]
+    assert not np.any((a > 0) & (b > 0) & (a != b))
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a tiff")
+    result = subprocess.run([sys.executable, "-m", "unet_core.cli", "ingest", str(bad), str(tmp_path / "o.ome.zarr")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "bad.tif" in result.stderr and "not a readable TIFF" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o.ome.zarr").exists()

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from unet_core import UNet, predict_tiled
+from unet_core.model import valid_sizes
+from unet_core.predict import default_tile_shape
+
+
+def whole_image_reference(model, image):
+    """Whole-image prediction of the reflect-padded image, cropped to the image."""
+    spatial = image.shape[1:]
+    margin = model.margin()
+    out = [valid_sizes(model.depth, kind="output", near=s)[-1] if valid_sizes(model.depth, kind="output", near=s)[0] < s
+           else valid_sizes(model.depth, kind="output", near=s)[0] for s in spatial]
+    pad = [(0, 0)] + [(margin, margin + o - s) for o, s in zip(out, spatial)]
+    padded = np.pad(image, pad, mode="reflect")
+    with torch.inference_mode():
+        logits = model.eval()(torch.from_numpy(padded[None]).float())
+    probs = torch.softmax(logits, 1)[0].numpy()
+    return probs[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+
+
+@pytest.mark.parametrize(
+    "ndim,shape,channels,tile",
+    [
+        (2, (61, 77), 1, (20, 36)),
+        (2, (61, 77), 2, (28, 28)),
+        (2, (33, 9), 1, (12, 12)),
+        (3, (13, 29, 22), 1, (12, 12, 20)),
+        (3, (5, 18, 17), 3, (4, 12, 12)),
+    ],
+)
+def test_tiled_equals_whole_image(ndim, shape, channels, tile):
+    torch.manual_seed(0)
+    model = UNet(in_channels=channels, base_channels=4, depth=2, ndim=ndim, dropout=0.0)
+    image = np.random.default_rng(0).standard_normal((channels, *shape)).astype(np.float32)
+    tiled = predict_tiled(model, image, tile_shape=tile, batch_size=3)
+    expected = whole_image_reference(model, image)
+    assert tiled.shape == (2, *shape)
+    np.testing.assert_allclose(tiled, expected, atol=1e-5)
+
+
+def test_default_tile_and_spatial_only_input():
+    torch.manual_seed(0)
+    model = UNet(base_channels=2, depth=2, dropout=0.0)
+    image = np.random.default_rng(1).standard_normal((50, 70)).astype(np.float32)
+    tile = default_tile_shape(model, image.shape, "cpu")
+    assert model.input_shape_for(tile)
+    probs = predict_tiled(model, image)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs, whole_image_reference(model, image[None]), atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    model = UNet(base_channels=2, depth=2, in_channels=2)
+    with pytest.raises(ValueError, match="C = 2"):
+        predict_tiled(model, np.zeros((1, 30, 30), np.float32))
+    with pytest.raises(ValueError, match="output shape .* nearest valid"):
+        predict_tiled(model, np.zeros((2, 30, 30), np.float32), tile_shape=(13, 13))
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_tiled(model, np.zeros((2, 30, 30), np.float32), batch_size=0)

@@ -1,0 +1,78 @@
+"""The whole demo workflow through Snakemake: dry run, real run, nothing left to do, lint."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+STAGES = ["demo_data", "ingest", "weight_map", "train", "predict", "segment", "evaluate", "report"]
+
+
+def _snakemake(workdir, *args):
+    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def workdir(repo, tmp_path_factory):
+    work = tmp_path_factory.mktemp("workflow")
+    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        source = repo / item
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, work / item)
+    return work
+
+
+@pytest.fixture(scope="module")
+def finished_run(workdir):
+    dry = _snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stderr
+    run = _snakemake(workdir, "--profile", "profiles/local", "--cores", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_lists_every_stage(finished_run):
+    table = finished_run.split("Job stats:")[1]
+    for rule in STAGES:
+        assert re.search(rf"^{rule}\s+\d+$", table, re.M), f"rule {rule} missing from dry run"
+
+
+@pytest.mark.slow
+def test_demo_segmentation_is_right(workdir, finished_run):
+    metrics = {p.stem: json.loads(p.read_text()) for p in (workdir / "results" / "metrics").glob("*.json")}
+    held_out = {name: m["metrics"]["foreground_iou"] for name, m in metrics.items() if m["has_ground_truth"]}
+    assert set(held_out) == {"timelapse_c", "timelapse_d", "volume_3d"}
+    assert all(iou >= 0.8 for iou in held_out.values()), held_out
+    html = (workdir / "results" / "report" / "index.html").read_text()
+    reported = float(re.search(r'id="mean-iou">([0-9.]+)<', html).group(1))
+    assert reported >= 0.8
+    assert html.count("data:image/png;base64,") >= len(metrics) + 1
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(workdir, finished_run):
+    again = _snakemake(workdir, "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_lint_and_format(repo):
+    lint = _snakemake(repo, "--lint")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Congratulations" in lint.stdout + lint.stderr
+    fmt = subprocess.run([str(Path(sys.executable).with_name("snakefmt")), "--check", "Snakefile", "workflow/"],
+                         cwd=repo, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+
+
+def test_config_errors_name_the_key(workdir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((workdir / "config" / "config.yaml").read_text().replace("steps: 300", "steps: -3"))
+    result = _snakemake(workdir, "-n", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "steps" in result.stdout + result.stderr

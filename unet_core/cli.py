@@ -1,0 +1,161 @@
+"""The ``unet-core`` command: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+def _load_config(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(f"error: cannot read config {path}: {error}") from error
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: config {path} must be a YAML mapping")
+    return config
+
+
+def _demo_data(args) -> None:
+    from .demo import write_demo_data
+    for path in write_demo_data(args.outdir, seed=args.seed):
+        print(path)
+
+
+def _ingest(args) -> None:
+    from .io import ingest
+    ingest(args.input, args.output, labels_path=args.labels, axes=args.axes, chunks=args.chunks)
+
+
+def _weight_map(args) -> None:
+    from .prepare import prepare_targets
+    prepare_targets(args.input, args.output, ndim=args.ndim, w0=args.w0, sigma=args.sigma)
+
+
+def _train(args) -> None:
+    from .train import TrainSettings, train
+    config = _load_config(args.config)
+    settings = TrainSettings.from_config(config.get("model", {}), config.get("train", {}))
+    train(train_images=args.images, train_weights=args.weights, val_images=args.val_images or [],
+          val_weights=args.val_weights or [], out_dir=args.out, settings=settings, device=args.device)
+
+
+def _predict(args) -> None:
+    from .predict import predict_image
+    predict_image(args.model, args.input, args.output, tile_shape=args.tile, batch_size=args.batch_size,
+                  device=args.device, dtype=args.dtype)
+
+
+def _segment(args) -> None:
+    from .segment import segment_image
+    segment_image(args.input, args.output, threshold=args.threshold, min_size=args.min_size)
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate_stack
+    evaluate_stack(image_path=args.image, probabilities_path=args.probabilities, segmentation_path=args.segmentation,
+                   output_path=args.output, stack=args.stack or Path(args.image).name, role=args.role)
+
+
+def _report(args) -> None:
+    from .report import write_report
+    write_report(metrics=args.metrics, images=args.images, segmentations=args.segmentations, model_dir=args.model_dir,
+                 output_path=args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unet-core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo stacks (TIFF) into OUTDIR")
+    p.add_argument("outdir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("ingest", help="TIFF stack -> OME-Zarr")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--labels", help="instance ground truth TIFF of the same shape (without channels)")
+    p.add_argument("--axes", help="axes override, e.g. 'tyx' or 'zcyx'")
+    p.add_argument("--chunks", type=_ints, help="chunk shape, e.g. 1,512,512")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("weight-map", help="targets + paper weight maps from an ingested stack's ground truth")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--ndim", type=int, default=2)
+    p.add_argument("--w0", type=float, default=10.0)
+    p.add_argument("--sigma", type=float, default=5.0)
+    p.set_defaults(func=_weight_map)
+
+    p = sub.add_parser("train", help="train a U-Net")
+    p.add_argument("--config", required=True, help="YAML with 'model' and 'train' sections")
+    p.add_argument("--out", required=True, help="output folder, e.g. results/models/<name>/")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--weights", nargs="+", required=True)
+    p.add_argument("--val-images", nargs="*")
+    p.add_argument("--val-weights", nargs="*")
+    p.add_argument("--device")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="OME-Zarr -> class probabilities (OME-Zarr)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--tile", type=_ints, help="output tile shape")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("segment", help="probabilities -> instance labels")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--min-size", type=int, default=0)
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("evaluate", help="metrics and QC of one stack -> JSON")
+    p.add_argument("--image", required=True)
+    p.add_argument("--probabilities", required=True)
+    p.add_argument("--segmentation", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--stack")
+    p.add_argument("--role", default="predict")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="HTML QC report")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--segmentations", nargs="+", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"unet-core {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+import re
+
+# Sample sheet, config validation and input functions shared by all rules.
+import csv
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from unet_core.demo import DEMO_STACKS
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+def _read_samples(path):
+    with open(path, newline="") as handle:
+        rows = [
+            {k: (v or "").strip() for k, v in row.items()}
+            for row in csv.DictReader(
+                (line for line in handle if not line.startswith("#")), delimiter="\t"
+            )
+        ]
+    for row in rows:
+        validate(row, schema="../schemas/samples.schema.yaml")
+    names = [row["stack"] for row in rows]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: duplicate stack names {duplicates}")
+    return {row["stack"]: row for row in rows}
+
+
+SAMPLES = _read_samples(config["samples"])
+MODEL = config["model_name"]
+TRAIN = [s for s, row in SAMPLES.items() if row["role"] == "train"]
+VAL = [s for s, row in SAMPLES.items() if row["role"] == "val"]
+PREDICT = [s for s, row in SAMPLES.items() if row["role"] in ("val", "predict")]
+LABELLED = [s for s, row in SAMPLES.items() if row.get("labels")]
+
+if not TRAIN:
+    raise ValueError(f"{config['samples']}: no stack has role 'train'")
+for stack in TRAIN + VAL:
+    if stack not in LABELLED:
+        raise ValueError(
+            f"{config['samples']}: stack {stack!r} has role {SAMPLES[stack]['role']!r} but no labels"
+        )
+
+
+wildcard_constraints:
+    stack="|".join(map(re.escape, SAMPLES)) if SAMPLES else "^$",
+    model=re.escape(MODEL),
+
+
+def ingest_inputs(wildcards):
+    row = SAMPLES[wildcards.stack]
+    inputs = {"image": row["path"]}
+    if row.get("labels"):
+        inputs["labels"] = row["labels"]
+    return inputs
+
+
+def stack_axes(wildcards):
+    return SAMPLES[wildcards.stack].get("axes") or None
+
+
+def zarr_of(stacks):
+    return expand(rules.ingest.output.zarr, stack=stacks)
+
+
+def weights_of(stacks):
+    return expand(rules.weight_map.output.weights, stack=stacks)
+
+
+def stack_role(wildcards):
+    return SAMPLES[wildcards.stack]["role"]
+
+
+def demo_files():
+    outdir = Path(config["demo"]["outdir"])
+    files = []
+    for name, (_kind, _shape, has_truth) in DEMO_STACKS.items():
+        files.append(outdir / f"{name}.tif")
+        if has_truth:
+            files.append(outdir / f"{name}_labels.tif")
+    return [str(f) for f in files]
+
+
+def demo_outdir(wildcards, output):
+    return str(Path(output[0]).parent)

@@ -1,0 +1,21 @@
+rule predict:
+    input:
+        zarr=rules.ingest.output.zarr,
+        model=expand(rules.train.output.model, model=MODEL),
+    output:
+        probabilities=directory("results/predictions/{stack}.ome.zarr"),
+    log:
+        "logs/predict/{stack}.log",
+    benchmark:
+        "benchmarks/predict/{stack}.tsv"
+    conda:
+        "../../envs/unet.yaml"
+    threads: workflow.cores
+    resources:
+        gpu=1,
+    params:
+        tile=config["predict"]["tile"],
+        batch_size=config["predict"]["batch_size"],
+        dtype=config["predict"]["dtype"],
+    script:
+        "../scripts/predict.py"

@@ -1,0 +1,24 @@
+"""Rule predict: overlap-tile class probabilities of one stack."""
+
+import torch
+from _common import logged
+
+from unet_core.predict import predict_image
+
+
+def main(snakemake):
+    with logged(snakemake):
+        torch.set_num_threads(snakemake.threads)
+        tile = snakemake.params.tile
+        predict_image(
+            snakemake.input.model[0],
+            snakemake.input.zarr,
+            snakemake.output.probabilities,
+            tile_shape=tuple(tile) if tile else None,
+            batch_size=snakemake.params.batch_size,
+            dtype=snakemake.params.dtype,
+        )
+
+
+if "snakemake" in globals():
+    main(snakemake)  # noqa: F821
