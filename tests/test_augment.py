@@ -44,3 +44,22 @@ def test_reproducible_from_seed():
     b = augment_sample(image, labels, weight, rng=np.random.default_rng(5))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_field_is_bicubic_interpolation_of_the_coarse_grid():
+    from scipy import ndimage
+
+    field = elastic_field((60, 45), sigma=10.0, grid=3, rng=np.random.default_rng(7))
+    coarse = np.random.default_rng(7).normal(0, 10.0, (2, 3, 3))
+    expected = np.stack([ndimage.zoom(c, (20, 15), order=3, mode="nearest", grid_mode=True) for c in coarse])
+    np.testing.assert_allclose(field, expected, atol=1e-4)
+
+
+def test_rotation_by_zero_and_crop():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (30, 30))
+    field = np.zeros((2, 30, 30), np.float32)
+    np.testing.assert_array_equal(deform(labels, field, order=0, angle=0.0, crop=(slice(5, 25),) * 2),
+                                  labels[5:25, 5:25])
+    quarter = deform(labels, field, order=0, angle=np.pi / 2)
+    np.testing.assert_array_equal(quarter, np.rot90(labels, -1))

@@ -72,7 +72,9 @@ def test_predict_segment_evaluate_report(pipeline):
     model_path = pipeline["model_dir"] / "model.pt"
     results = []
     for name in ("timelapse_c", "volume_3d"):
-        probs = predict_image(model_path, paths[name], root / f"{name}.pred.ome.zarr", dtype="uint8")
+        probs = root / f"{name}.pred.ome.zarr"
+        summary = predict_image(model_path, paths[name], probs, dtype="uint8", planewise=True)
+        assert summary["computed"] == summary["blocks"] > 0
         image = io.open_image(probs)
         assert image.axes == ("czyx" if name == "volume_3d" else "tcyx")
         assert image.array.dtype == np.uint8

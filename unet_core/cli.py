@@ -55,8 +55,11 @@ def _train(args) -> None:
 
 def _predict(args) -> None:
     from .predict import predict_image
-    predict_image(args.model, args.input, args.output, tile_shape=args.tile, batch_size=args.batch_size,
-                  device=args.device, dtype=args.dtype)
+    summary = predict_image(args.model, args.input, args.output, block_shape=args.block, tile_shape=args.tile,
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
+                            planewise=args.planewise, scheduler=args.scheduler)
+    print(f"{args.output}: {summary['computed']} of {summary['blocks']} blocks computed, "
+          f"{summary['reused']} reused from an interrupted run")
 
 
 def _segment(args) -> None:
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML with 'model' and 'train' sections")
     p.add_argument("--out", required=True, help="output folder, e.g. results/models/<name>/")
     p.add_argument("--images", nargs="+", required=True)
-    p.add_argument("--weights", nargs="+", required=True)
+    p.add_argument("--weights", nargs="+", help="weight-map groups (default: computed from the ground truth)")
     p.add_argument("--val-images", nargs="*")
     p.add_argument("--val-weights", nargs="*")
     p.add_argument("--device")
@@ -116,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--tile", type=_ints, help="output tile shape")
+    p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
+    p.add_argument("--tta", action="store_true", help="average over flips/rotations")
+    p.add_argument("--planewise", action="store_true", help="allow a 2D model on a z stack, slice by slice")
+    p.add_argument("--scheduler", default="threads", choices=["synchronous", "threads", "processes", "distributed"])
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
@@ -149,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import TrainingInterrupted
+
     try:
         args.func(args)
+    except TrainingInterrupted as stopped:
+        print(f"unet-core {args.command}: {stopped}", file=sys.stderr)
+        return 143
     except (ValueError, FileNotFoundError) as error:
         print(f"unet-core {args.command}: error: {error}", file=sys.stderr)
         return 1

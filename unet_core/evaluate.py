@@ -1,4 +1,9 @@
-"""Per-stack evaluation stage: metrics against ground truth where it exists, QC always."""
+"""Per-stack evaluation stage: metrics against ground truth where it exists, QC always.
+
+Planes are read one at a time (a 2D plane, or a 3D volume per t for 3D models' outputs as
+stored plane-wise on their z axis), so memory follows the plane size; instance and pixel
+counts are pooled over planes. The ISBI 2012 scores need the whole (small) stack at once.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,39 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .metrics import foreground_scores, object_sizes, probability_qc
+from .isbi import isbi_scores
+from .metrics import average_precision, foreground_scores, object_sizes, probability_qc, seg_score
 
-__all__ = ["evaluate_stack"]
+__all__ = ["evaluate_stack", "GROUND_TRUTH_KINDS"]
+
+GROUND_TRUTH_KINDS = ("instances", "binary")
+
+
+def _write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+def _slope(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    return float(np.polyfit(np.arange(len(values)), values, 1)[0])
 
 
 def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, segmentation_path: str | Path,
-                   output_path: str | Path, stack: str, role: str) -> dict:
-    """Write ``output_path`` (JSON): QC statistics, and IoU/Dice when ground truth exists."""
+                   output_path: str | Path, stack: str, role: str, ground_truth: str = "instances") -> dict:
+    """Write ``output_path`` (JSON): QC statistics, and metrics when ground truth exists.
+
+    ``ground_truth`` says what the stack's ``labels/ground_truth`` holds: ``instances``
+    (instance ids: foreground IoU/Dice, CTC SEG, AP at IoU 0.5..0.95) or ``binary``
+    (ISBI 2012 style, nonzero = interior: the official ISBI scores V_rand, V_info, Rand,
+    warping and pixel error on the interior probability, plus foreground IoU/Dice).
+    """
+    if ground_truth not in GROUND_TRUTH_KINDS:
+        raise ValueError(f"ground_truth must be one of {GROUND_TRUTH_KINDS}, got {ground_truth!r}")
+    image = io.open_image(image_path)
     probs = io.open_image(probabilities_path)
     segmentation = io.open_image(segmentation_path)
     truth = io.read_labels(image_path)
@@ -25,38 +55,56 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
     axes = segmentation.axes
     loop_axes = [a for a in axes if a not in "yx"]
     totals = {"intersection": 0, "union": 0, "total": 0}
-    counts, sizes, qc_hist, uncertain = [], [], np.zeros(20, np.int64), []
+    counts, sizes, histogram, uncertain, intensity = [], [], np.zeros(20, np.int64), [], []
+    truth_frames, pred_frames, isbi_probs, isbi_truth = [], [], [], []
     for position in itertools.product(*[range(segmentation.shape[axes.index(a)]) for a in loop_axes]):
         where = dict(zip(loop_axes, position))
         labels = segmentation.read(where, order=("y", "x"))
         foreground = probs.read({**where, "c": 1}, order=("y", "x")).astype(np.float32) / scale
+        raw = image.read({**where, **({"c": 0} if "c" in image.axes else {})}, order=("y", "x"))
+        intensity.append(float(raw.mean()))
         plane_sizes = object_sizes(labels)
         counts.append(int(len(plane_sizes)))
         sizes.extend(plane_sizes.tolist())
         qc = probability_qc(foreground)
-        qc_hist += np.asarray(qc["histogram"])
+        histogram += np.asarray(qc["histogram"])
         uncertain.append(qc["uncertain_fraction"])
-        if truth is not None:
-            scores = foreground_scores(truth.read(where, order=("y", "x")), labels)
-            for key in totals:
-                totals[key] += scores[key]
+        if truth is None:
+            continue
+        true_plane = truth.read(where, order=("y", "x"))
+        scores = foreground_scores(true_plane, labels)
+        for key in totals:
+            totals[key] += scores[key]
+        if ground_truth == "instances":
+            truth_frames.append(true_plane)
+            pred_frames.append(labels)
+        else:
+            isbi_probs.append(foreground)
+            isbi_truth.append(true_plane != 0)
+    mean_intensity = float(np.mean(intensity)) if intensity else 0.0
     result = {
         "stack": stack, "role": role, "has_ground_truth": truth is not None,
         "qc": {
             "objects_per_plane": counts, "mean_objects_per_plane": float(np.mean(counts)) if counts else 0.0,
             "object_size_median": float(np.median(sizes)) if sizes else 0.0,
             "object_sizes": sizes[:5000], "uncertain_fraction": float(np.mean(uncertain)) if uncertain else 0.0,
-            "probability_histogram": qc_hist.tolist(),
+            "probability_histogram": histogram.tolist(),
+            "mean_intensity_per_plane": intensity,
+            "relative_intensity_drift": _slope(intensity) * max(len(intensity) - 1, 1) / mean_intensity
+            if mean_intensity else 0.0,
         },
     }
     if truth is not None:
-        result["metrics"] = {
+        metrics = {
             "foreground_iou": totals["intersection"] / totals["union"] if totals["union"] else 1.0,
             "foreground_dice": 2 * totals["intersection"] / totals["total"] if totals["total"] else 1.0,
         }
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, output_path)
+        if ground_truth == "instances":
+            ap = average_precision(truth_frames, pred_frames)
+            metrics.update({"seg": seg_score(truth_frames, pred_frames), "ap50": ap["ap"][0],
+                            "mean_ap": ap["mean_ap"], "ap": dict(zip(map(str, ap["thresholds"]), ap["ap"]))})
+        else:
+            metrics.update(isbi_scores(np.stack(isbi_probs), np.stack(isbi_truth).astype(np.uint8)))
+        result["metrics"] = metrics
+    _write_json(Path(output_path), result)
     return result

@@ -39,13 +39,12 @@ def _conv_block(ndim: int, in_ch: int, out_ch: int, batch_norm: bool) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-def _center_crop(features: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+def _center_crop(features: torch.Tensor, spatial: list[int]) -> torch.Tensor:
     """Crop the trailing spatial axes of ``features`` to ``spatial``, centred."""
-    slices = [slice(None), slice(None)]
-    for have, want in zip(features.shape[2:], spatial):
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return features[tuple(slices)]
+    for axis in range(len(spatial)):
+        have = features.shape[axis + 2]
+        features = features.narrow(axis + 2, (have - spatial[axis]) // 2, spatial[axis])
+    return features
 
 
 def _output_size(size: int, depth: int) -> int | None:
@@ -240,20 +239,27 @@ class UNet(nn.Module):
         out = valid_sizes(self.depth, kind="output", near=1)[-1]
         return (_input_size(out, self.depth) - out) // 2  # type: ignore[operator]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != self.ndim + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"expected input of shape (N, {self.in_channels}, {'*' * self.ndim}) "
                 f"({self.ndim + 2} axes), got {tuple(x.shape)}"
             )
         self.output_shape(x.shape[2:])
-        skips = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        skips: list[torch.Tensor] = []
         for block in self.down:
             x = block(x)
             skips.append(x)
             x = self.pool(x)
         x = self.dropout(self.bottom(x))
-        for upconv, block, skip in zip(self.upconvs, self.up, reversed(skips)):
+        level = len(skips)
+        for upconv, block in zip(self.upconvs, self.up):
+            level -= 1
             x = upconv(x)
-            x = block(torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1))
+            x = block(torch.cat([_center_crop(skips[level], list(x.shape[2:])), x], dim=1))
         return self.head(x)

@@ -15,14 +15,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import io
-from .weights import weight_map
+from .weights import instances_from_binary, weight_map
 
 __all__ = ["prepare_targets"]
 
 
 def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: int = 2,
-                    w0: float = 10.0, sigma: float = 5.0) -> Path:
-    """Compute target classes and weight maps of an ingested stack into ``output_path``."""
+                    w0: float = 10.0, sigma: float = 5.0, binary: bool = False) -> Path:
+    """Compute target classes and weight maps of an ingested stack into ``output_path``.
+
+    ``binary``: the ground truth is a binary interior mask (e.g. ISBI 2012: 255 = interior,
+    0 = membrane); its 4-connected (2D) / 6-connected (3D) components are the cells.
+    """
     labels = io.read_labels(image_path)
     if labels is None:
         raise ValueError(f"{image_path}: has no ground truth (labels/ground_truth); cannot compute weight maps")
@@ -48,6 +52,8 @@ def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: in
         for position in tqdm(positions, desc=f"weight maps {Path(image_path).name}", unit="plane"):
             where = dict(zip(loop_axes, position))
             instance = labels.read(where, order=tuple(spatial)).astype(np.int64)
+            if binary:
+                instance = instances_from_binary(instance)
             index = tuple(where[a] if a in where else slice(None) for a in labels.axes)
             target[index] = (instance > 0).astype(np.uint8)
             weight[index] = weight_map(instance, w0=w0, sigma=sigma, spacing=spacing if ndim == 3 else None)

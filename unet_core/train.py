@@ -1,15 +1,24 @@
-"""Training loop: random mirrored tiles, paper augmentation, weighted loss, checkpoints.
+"""Training loop: random mirrored tiles, paper augmentation, weighted loss, exact resume.
 
 Axis order: samples are numpy ``(C, *spatial)`` images with ``(*spatial)`` targets and
 weights; batches are torch ``(N, C, *spatial)``.
+
+Every batch is a pure function of ``(seed, step)``: a data-loader worker draws it from
+``numpy.random.default_rng([seed, step])``. Batches can therefore be produced by any number
+of parallel workers, in any order, and a run resumed at step k sees exactly the batches an
+uninterrupted run would. Dropout draws from torch's global generator, whose state is part
+of the checkpoint; the data loader gets its own generator so it never consumes it.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import platform
+import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,8 +33,15 @@ from .loss import weighted_cross_entropy
 from .model import UNet
 from .predict import predict_tiled
 from .tiling import read_reflected
+from .weights import weight_map
 
-__all__ = ["TrainSettings", "train", "load_training_stack"]
+__all__ = ["TrainSettings", "TrainingInterrupted", "train", "load_training_stack", "TileDataset"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a checkpoint was written because SIGTERM/SIGUSR1 arrived (e.g. preemption)."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +60,26 @@ class TrainSettings:
     learning_rate: float = 1e-3
     optimizer: str = "adam"
     momentum: float = 0.99
+    schedule: str = "onecycle"
     seed: int = 0
     elastic_sigma: float = 10.0
     elastic_grid: int = 3
     flip_rotate: bool = True
+    rotation: bool = True
     gray_strength: float = 0.1
+    w0: float = 10.0
+    sigma: float = 5.0
     validate_every: int = 100
     log_every: int = 10
+    checkpoint_every: int = 100
+    num_workers: int = 0
+    deterministic: bool = False
+    amp: bool = True
 
     @classmethod
     def from_config(cls, model: dict, train: dict) -> TrainSettings:
         """Build from the validated config sections; unknown keys are an error."""
-        names = {f for f in cls.__dataclass_fields__}
+        names = set(cls.__dataclass_fields__)
         merged = {**model, **train}
         unknown = set(merged) - names
         if unknown:
@@ -63,6 +87,8 @@ class TrainSettings:
         settings = cls(**merged)
         if settings.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {settings.optimizer!r}")
+        if settings.schedule not in ("onecycle", "constant"):
+            raise ValueError(f"schedule must be 'onecycle' or 'constant', got {settings.schedule!r}")
         return settings
 
 
@@ -76,75 +102,106 @@ class _Stack:
     extra: dict = field(default_factory=dict)
 
 
-def load_training_stack(image_path: str | Path, weights_path: str | Path, ndim: int) -> _Stack:
-    """Load a (small, annotated) training stack in memory, normalised by its own statistics."""
-    image = io.open_image(image_path)
+def _weight_group(weights_path, image_path, expected):
     try:
         group = zarr.open_group(weights_path, mode="r")
-        target, weight = group["target"], group["weight"]
-        axes = group.attrs["axes"]
+        target, weight, axes = group["target"], group["weight"], group.attrs["axes"]
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise ValueError(f"{weights_path}: not a weight-map group with 'target' and 'weight' ({error!r})") from error
-    expected = tuple(s for a, s in zip(image.axes, image.shape) if a != "c")
     if tuple(target.shape) != expected or tuple(weight.shape) != expected:
         raise ValueError(f"{weights_path}: weight map shape {tuple(weight.shape)} does not match the image "
                          f"{image_path} {expected}")
+    return target, weight, axes
+
+
+def load_training_stack(image_path: str | Path, weights_path: str | Path | None, ndim: int, *,
+                        w0: float = 10.0, sigma: float = 5.0) -> _Stack:
+    """Load an annotated training stack in memory, normalised by its whole-stack statistics.
+
+    Annotated training sets are small (the paper trains on 30 images), so they are held in
+    memory. Without ``weights_path`` (or when it does not exist) the targets and weight maps
+    are computed here from the stack's ``labels/ground_truth``, never replaced by ones.
+    """
+    try:
+        image = io.open_image(image_path)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"training stack {image_path}: {error}") from error
+    expected = tuple(s for a, s in zip(image.axes, image.shape) if a != "c")
     spatial = "yx" if ndim == 2 else "zyx"
+    if not set(spatial) <= set(image.axes):
+        raise ValueError(f"training stack {image_path}: axes {image.axes!r} lack {spatial!r} for a {ndim}D model")
+    if weights_path is not None and Path(weights_path).exists():
+        target, weight, axes = _weight_group(weights_path, image_path, expected)
+        labels = None
+    else:
+        labels = io.read_labels(image_path)
+        if labels is None:
+            raise ValueError(f"training stack {image_path}: has no weight map and no ground truth to compute one")
+        axes = labels.axes
     mean, std = io.intensity_statistics(image)
     mean = np.asarray(mean, np.float32).reshape(-1, *[1] * ndim)
     std = np.asarray(std, np.float32).reshape(-1, *[1] * ndim)
     loop_axes = [a for a in axes if a not in spatial]
-    import itertools
     stack = _Stack(name=Path(image_path).name, planes=[], targets=[], weights=[],
                    sha256=image.attrs.get("unet_core", {}).get("provenance", {}).get("sha256", ""))
-    for position in itertools.product(*[range(target.shape[axes.index(a)]) for a in loop_axes]):
+    spacing = [image.scale.get(a, 1.0) for a in spatial] if ndim == 3 else None
+    for position in itertools.product(*[range(expected[axes.index(a)]) for a in loop_axes]):
         where = dict(zip(loop_axes, position))
-        index = tuple(where[a] if a in where else slice(None) for a in axes)
         plane = image.read(where, order=("c", *spatial)).astype(np.float32)
         stack.planes.append((plane - mean) / std)
-        stack.targets.append(np.asarray(target[index]).astype(np.int64))
-        stack.weights.append(np.asarray(weight[index]).astype(np.float32))
+        if labels is None:
+            index = tuple(where[a] if a in where else slice(None) for a in axes)
+            stack.targets.append(np.asarray(target[index]).astype(np.int64))
+            stack.weights.append(np.asarray(weight[index]).astype(np.float32))
+        else:
+            instances = labels.read(where, order=tuple(spatial)).astype(np.int64)
+            stack.targets.append((instances > 0).astype(np.int64))
+            stack.weights.append(weight_map(instances, w0=w0, sigma=sigma, spacing=spacing))
     return stack
 
 
-class _Sampler:
-    """Random tiles of a valid input size, mirrored at stack borders, targets cropped."""
+class TileDataset(torch.utils.data.Dataset):
+    """Item ``step`` is the augmented batch of that step, a pure function of ``(seed, step)``.
 
-    def __init__(self, stacks: list[_Stack], model: UNet, settings: TrainSettings, rng: np.random.Generator):
-        self.items = [(s, i) for s in stacks for i in range(len(s.planes))]
-        self.model = model
+    Tiles have a valid input size, are mirrored (numpy ``reflect``) at stack borders and
+    their targets/weights are cropped to the output size.
+    """
+
+    def __init__(self, stacks: list[_Stack], model: UNet, settings: TrainSettings) -> None:
+        self.items = [(s, i) for s, stack in enumerate(stacks) for i in range(len(stack.planes))]
+        self.stacks = stacks
         self.settings = settings
-        self.rng = rng
         self.out = (settings.tile,) * settings.ndim
         self.inp = model.input_shape_for(self.out)
         self.margin = model.margin()
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        stack, index = self.items[int(self.rng.integers(len(self.items)))]
-        plane = stack.planes[index]
-        spatial = plane.shape[1:]
-        origin = [int(self.rng.integers(0, max(s - o, 0) + 1)) for s, o in zip(spatial, self.out)]
+    def __len__(self) -> int:
+        return self.settings.steps
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stack_index, plane_index = self.items[int(rng.integers(len(self.items)))]
+        stack = self.stacks[stack_index]
+        plane = stack.planes[plane_index]
+        origin = [int(rng.integers(0, max(s - o, 0) + 1)) for s, o in zip(plane.shape[1:], self.out)]
         start = [o - self.margin for o in origin]
         stop = [a + i for a, i in zip(start, self.inp)]
         image = read_reflected(plane, start, stop)
-        target = read_reflected(stack.targets[index], start, stop)
-        weight = read_reflected(stack.weights[index], start, stop)
+        target = read_reflected(stack.targets[plane_index], start, stop)
+        weight = read_reflected(stack.weights[plane_index], start, stop)
         s = self.settings
-        image, target, weight = augment_sample(image, target, weight, rng=self.rng, elastic_sigma=s.elastic_sigma,
-                                               elastic_grid=s.elastic_grid, flip_rotate=s.flip_rotate,
-                                               gray_strength=s.gray_strength)
         crop = tuple(slice(self.margin, self.margin + o) for o in self.out)
-        return image, target[crop], weight[crop]
+        return augment_sample(image, target, weight, rng=rng, elastic_sigma=s.elastic_sigma,
+                              elastic_grid=s.elastic_grid, flip_rotate=s.flip_rotate, rotation=s.rotation,
+                              gray_strength=s.gray_strength, crop=crop)
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        samples = [self.sample() for _ in range(size)]
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.settings.seed, int(step)])
+        samples = [self.sample(rng) for _ in range(self.settings.batch_size)]
         return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*samples))  # type: ignore[return-value]
 
 
 def _validate(model: UNet, stacks: list[_Stack], device: torch.device) -> dict:
     """Held-out loss and foreground IoU, whole planes predicted by overlap-tile."""
-    if not stacks:
-        return {}
     losses, intersection, union = [], 0, 0
     was_training = model.training
     for stack in stacks:
@@ -153,31 +210,14 @@ def _validate(model: UNet, stacks: list[_Stack], device: torch.device) -> dict:
             p = torch.from_numpy(probs).clamp_min(1e-7)
             nll = torch.nn.functional.nll_loss(p.log()[None], torch.from_numpy(target)[None], reduction="none")
             losses.append(float((nll[0] * torch.from_numpy(weight)).mean()))
-            pred = probs[1] > 0.5
-            truth = target > 0
+            pred, truth = probs[1] > 0.5, target > 0
             intersection += int((pred & truth).sum())
             union += int((pred | truth).sum())
     model.train(was_training)
     return {"val_loss": float(np.mean(losses)), "val_iou": intersection / union if union else 1.0}
 
 
-def train(*, train_images: list[str], train_weights: list[str], val_images: list[str] = (),
-          val_weights: list[str] = (), out_dir: str | Path, settings: TrainSettings,
-          device: str | None = None) -> Path:
-    """Train a U-Net on ingested stacks and their weight maps; write model.pt, log and card.
-
-    Outputs in ``out_dir``: ``model.pt`` (state dict + architecture, loadable with
-    ``torch.load(weights_only=True)``), ``training_log.tsv`` and ``model_card.json``.
-    """
-    if len(train_images) != len(train_weights) or not train_images:
-        raise ValueError(f"need one weight map per training image and at least one image, got "
-                         f"{len(train_images)} images and {len(train_weights)} weight maps")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    stacks = [load_training_stack(i, w, settings.ndim) for i, w in zip(train_images, train_weights)]
-    val_stacks = [load_training_stack(i, w, settings.ndim) for i, w in zip(val_images, val_weights)]
-    in_channels = stacks[0].planes[0].shape[0]
+def _build(settings: TrainSettings, in_channels: int, device: torch.device):
     model = UNet(in_channels=in_channels, n_classes=settings.n_classes, base_channels=settings.base_channels,
                  depth=settings.depth, ndim=settings.ndim, dropout=settings.dropout,
                  batch_norm=settings.batch_norm).to(device)
@@ -187,60 +227,188 @@ def train(*, train_images: list[str], train_weights: list[str], val_images: list
         optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate,
-                                                    total_steps=settings.steps, pct_start=0.15)
-    sampler = _Sampler(stacks, model, settings, rng)
-    out_dir = Path(out_dir)
+    if settings.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.learning_rate,
+                                                        total_steps=settings.steps, pct_start=0.15)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return model, optimizer, scheduler, memory_format
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGUSR1 into a flag checked between steps (SLURM preemption)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: no handler, no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity, log_rows) -> None:
+    state = {
+        "model": model.state_dict(), "architecture": model.config(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "step": step, "identity": json.dumps(identity),
+        "torch_rng": torch.get_rng_state(), "log": json.dumps(log_rows),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(*, train_images: list[str], train_weights: list[str | None] | None = None, val_images: list[str] = (),
+          val_weights: list[str | None] | None = None, out_dir: str | Path, settings: TrainSettings,
+          device: str | None = None) -> Path:
+    """Train a U-Net on ingested stacks; resume from ``out_dir/checkpoint.pt`` when present.
+
+    Outputs in ``out_dir``: ``checkpoint.pt`` (full training state, written every
+    ``checkpoint_every`` steps and on SIGTERM/SIGUSR1), ``model.pt`` (state dict +
+    architecture), ``model.torchscript.pt`` (runs without this package),
+    ``training_log.tsv`` and ``model_card.json``. All load with ``weights_only=True``.
+    """
+    train_weights = list(train_weights) if train_weights is not None else [None] * len(train_images)
+    val_weights = list(val_weights) if val_weights is not None else [None] * len(val_images)
+    if len(train_images) != len(train_weights) or not train_images:
+        raise ValueError(f"need one weight map (or None) per training image and at least one image, got "
+                         f"{len(train_images)} images and {len(train_weights)} weight maps")
+    if len(val_images) != len(val_weights):
+        raise ValueError(f"got {len(val_images)} validation images but {len(val_weights)} weight maps")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(settings.deterministic or previous)
+    try:
+        return _train(train_images, train_weights, val_images, val_weights, Path(out_dir), settings, device)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, settings: TrainSettings,
+           device: torch.device) -> Path:
+    torch.manual_seed(settings.seed)
+    load = dict(ndim=settings.ndim, w0=settings.w0, sigma=settings.sigma)
+    stacks = [load_training_stack(i, w, **load) for i, w in zip(train_images, train_weights)]
+    val_stacks = [load_training_stack(i, w, **load) for i, w in zip(val_images, val_weights)]
+    channels = {s.planes[0].shape[0] for s in stacks + val_stacks}
+    if len(channels) != 1:
+        raise ValueError(f"training and validation stacks have different channel counts {sorted(channels)}")
+    model, optimizer, scheduler, memory_format = _build(settings, channels.pop(), device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_rows: list[dict] = []
+    checkpoint_path = out_dir / CHECKPOINT
+    start_step, log_rows = 0, []
+    identity = {"settings": asdict(settings), "data": [s.sha256 for s in stacks], "val": [s.sha256 for s in val_stacks]}
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if json.loads(state.get("identity", "{}")) != identity:
+            # Another configuration or other data: this is a new training, not a resume.
+            stale = checkpoint_path.with_name("checkpoint.previous.pt")
+            checkpoint_path.replace(stale)
+            warnings.warn(f"{checkpoint_path} was written for other settings or data; starting afresh "
+                          f"(kept as {stale.name})", stacklevel=2)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            start_step, log_rows = int(state["step"]), json.loads(state["log"])
+    dataset = TileDataset(stacks, model, settings)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(start_step, settings.steps)), batch_size=None,
+        num_workers=settings.num_workers, generator=torch.Generator().manual_seed(settings.seed),
+        persistent_workers=False, prefetch_factor=4 if settings.num_workers else None,
+    )
+    use_amp = settings.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     started = time.perf_counter()
+    running: list[float] = []
     model.train()
-    progress = tqdm(range(1, settings.steps + 1), desc="train", unit="step")
-    running = []
-    for step in progress:
-        image, target, weight = sampler.batch(settings.batch_size)
-        image = image.to(device).contiguous(memory_format=memory_format)
-        logits = model(image)
-        loss = weighted_cross_entropy(logits, target.to(device), weight.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        running.append(loss.item())
-        if step % settings.log_every == 0 or step == settings.steps:
-            row = {"step": step, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
-                   "seconds": round(time.perf_counter() - started, 2)}
-            running = []
-            if val_stacks and (step % settings.validate_every == 0 or step == settings.steps):
-                model.eval()
-                row.update(_validate(model, val_stacks, device))
-                model.train()
-            log_rows.append(row)
-            progress.set_postfix(loss=f"{row['loss']:.4f}")
+    state_kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, identity=identity)
+    with _StopRequest() as stop, tqdm(total=settings.steps, initial=start_step, desc="train", unit="step") as bar:
+        for step, (image, target, weight) in enumerate(loader, start=start_step + 1):
+            image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(image)
+            loss = weighted_cross_entropy(logits, target.to(device), weight.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            running.append(loss.item())
+            bar.update(1)
+            if step % settings.log_every == 0 or step == settings.steps:
+                row = {"step": step, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
+                       "seconds": round(time.perf_counter() - started, 2)}
+                running = []
+                if val_stacks and (step % settings.validate_every == 0 or step == settings.steps):
+                    row.update(_validate(model, val_stacks, device))
+                log_rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, **state_kwargs)
+            if stop.signal is not None:
+                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, **state_kwargs)
+                raise TrainingInterrupted(f"stopped by signal {stop.signal} after step {step}; "
+                                          f"rerun the same command to resume from {checkpoint_path}")
     model.eval()
+    _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, time.perf_counter() - started, device)
+    return out_dir
+
+
+def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, seconds, device) -> None:
     _write_log(out_dir / "training_log.tsv", log_rows)
-    checkpoint = {"model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  "architecture": model.config(), "normalization": "zscore-per-stack",
-                  "tile": settings.tile, "step": settings.steps}
-    torch.save(checkpoint, out_dir / "model.pt")
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"model": weights, "architecture": model.config(), "normalization": "zscore-per-stack",
+                "tile": settings.tile, "step": settings.steps}, out_dir / "model.pt")
+    exported = _export_torchscript(model, out_dir / "model.torchscript.pt")
     card = {
         "architecture": model.config(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": asdict(settings),
+        "normalization": "per-stack z-score (whole-stack mean and std, computed once)",
         "training_data": [{"stack": s.name, "sha256": s.sha256} for s in stacks],
         "validation_data": [{"stack": s.name, "sha256": s.sha256} for s in val_stacks],
         "final_metrics": {k: v for k, v in log_rows[-1].items() if k.startswith("val_") or k == "loss"},
-        "training_seconds": round(time.perf_counter() - started, 1),
+        "training_seconds": round(seconds, 1),
         "device": str(device),
+        "exported": exported,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
     }
     (out_dir / "model_card.json").write_text(json.dumps(card, indent=2))
-    return out_dir
+
+
+def _export_torchscript(model: UNet, path: Path) -> str | None:
+    """TorchScript export that runs without unet_core; None (and no file) where it fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.script(model.cpu().to(memory_format=torch.contiguous_format))
+            scripted.save(str(path))
+        return path.name
+    except Exception:  # scripting support varies across torch versions
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    columns = sorted({k for row in rows for k in row}, key=lambda k: ["step", "loss", "lr", "seconds"].index(k)
-                     if k in ("step", "loss", "lr", "seconds") else 10)
+    order = ["step", "loss", "lr", "seconds"]
+    columns = sorted({k for row in rows for k in row}, key=lambda k: order.index(k) if k in order else len(order))
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", restval="")
         writer.writeheader()

@@ -11,6 +11,24 @@ from unet_core.demo import DEMO_STACKS
 validate(config, schema="../schemas/config.schema.yaml")
 
 
+def _apply_preset(config):
+    """Merge config["presets"][config["preset"]] over the model and train sections."""
+    name = config.get("preset")
+    if not name:
+        return
+    presets = config.get("presets", {})
+    if name not in presets:
+        raise ValueError(
+            f"config: preset {name!r} is not defined; known presets: {sorted(presets)}"
+        )
+    for section, values in presets[name].items():
+        config[section] = {**config.get(section, {}), **values}
+
+
+_apply_preset(config)
+validate(config, schema="../schemas/config.schema.yaml")
+
+
 def _read_samples(path):
     with open(path, newline="") as handle:
         rows = [
@@ -59,6 +77,10 @@ def ingest_inputs(wildcards):
 
 def stack_axes(wildcards):
     return SAMPLES[wildcards.stack].get("axes") or None
+
+
+def stack_subset(wildcards):
+    return SAMPLES[wildcards.stack].get("subset") or None
 
 
 def zarr_of(stacks):

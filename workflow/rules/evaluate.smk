@@ -11,5 +11,6 @@ rule evaluate:
         "../../envs/unet.yaml"
     params:
         role=stack_role,
+        ground_truth=config["evaluate"]["ground_truth"],
     script:
         "../scripts/evaluate.py"

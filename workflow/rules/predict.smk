@@ -15,6 +15,9 @@ rule predict:
         gpu=1,
     params:
         tile=config["predict"]["tile"],
+        block=config["predict"]["block"],
+        tta=config["predict"]["tta"],
+        planewise=config["predict"]["planewise"],
         batch_size=config["predict"]["batch_size"],
         dtype=config["predict"]["dtype"],
     script:

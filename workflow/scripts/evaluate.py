@@ -14,6 +14,7 @@ def main(snakemake):
             output_path=snakemake.output.metrics,
             stack=snakemake.wildcards.stack,
             role=snakemake.params.role,
+            ground_truth=snakemake.params.ground_truth,
         )
 
 

@@ -9,14 +9,17 @@ from unet_core.predict import predict_image
 def main(snakemake):
     with logged(snakemake):
         torch.set_num_threads(snakemake.threads)
-        tile = snakemake.params.tile
+        tile, block = snakemake.params.tile, snakemake.params.block
         predict_image(
             snakemake.input.model[0],
             snakemake.input.zarr,
             snakemake.output.probabilities,
+            block_shape=tuple(block) if block else None,
             tile_shape=tuple(tile) if tile else None,
             batch_size=snakemake.params.batch_size,
             dtype=snakemake.params.dtype,
+            tta=snakemake.params.tta,
+            planewise=snakemake.params.planewise,
         )
 
 

@@ -1,0 +1,101 @@
+"""Benchmark: does augmentation starve the model? Training step time with the full pipeline
+(random mirrored tiles, elastic deformation + rotation, flips, gray values, in data-loader
+workers) against the step time on pre-augmented tiles held in memory, same model, same tile,
+same run. Prints the ratio (goal <= 1.10) and steps/s for the CPU demo model and the paper model.
+
+Usage: python bench/train.py [--steps 40] [--workers 1] [--paper-steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unet_core import io, weighted_cross_entropy
+from unet_core.demo import write_demo_data
+from unet_core.model import UNet
+from unet_core.train import TileDataset, TrainSettings, load_training_stack
+
+
+def _step_time(model, optimizer, batches, steps, memory_format):
+    times = []
+    for index, (image, target, weight) in enumerate(itertools.islice(batches, steps + 2)):
+        start = time.perf_counter()
+        image = image.contiguous(memory_format=memory_format)
+        loss = weighted_cross_entropy(model(image), target, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index >= 2:  # warm-up
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _pipeline_time(model, optimizer, dataset, steps, workers, memory_format):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None)
+    start = time.perf_counter()
+    count = 0
+    for image, target, weight in itertools.islice(loader, steps + 2):
+        if count == 2:
+            start = time.perf_counter()
+        image = image.contiguous(memory_format=memory_format)
+        loss = weighted_cross_entropy(model(image), target, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        count += 1
+    return (time.perf_counter() - start) / steps
+
+
+def measure(name, settings, stacks, steps, workers, repeats):
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, base_channels=settings.base_channels, depth=settings.depth,
+                 dropout=settings.dropout).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dataset = TileDataset(stacks, model, settings)
+    held = [dataset[i] for i in range(4)]  # pre-augmented tiles in memory
+    in_memory, pipeline = [], []
+    for _ in range(repeats):  # interleaved so both see the same machine load
+        in_memory.append(statistics.median(_step_time(model, optimizer, itertools.cycle(held), steps,
+                                                      torch.channels_last)))
+        pipeline.append(_pipeline_time(model, optimizer, dataset, steps, workers, torch.channels_last))
+    a, b = min(in_memory), min(pipeline)
+    print(f"{name:<28} tile {settings.tile}x{settings.tile} batch {settings.batch_size}: "
+          f"in-memory {a * 1e3:8.1f} ms/step ({1 / a:5.2f} steps/s), full pipeline {b * 1e3:8.1f} ms/step "
+          f"({1 / b:5.2f} steps/s), ratio {b / a:.3f}")
+    return b / a
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paper-steps", type=int, default=2, help="steps for the 31M-parameter paper model")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_demo_data(tmp / "demo")
+        stacks = []
+        for name in ("timelapse_a", "timelapse_b", "timelapse_d"):
+            zarr_path = io.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
+                                  labels_path=tmp / "demo" / f"{name}_labels.tif")
+            stacks.append(load_training_stack(zarr_path, None, 2))
+        demo = TrainSettings(steps=10_000, num_workers=args.workers)
+        ratio = measure("CPU demo model (16, depth 3)", demo, stacks, args.steps, args.workers, args.repeats)
+        print(f"full pipeline / in-memory step time: {ratio:.3f} (goal <= 1.10), "
+              f"{args.workers} worker(s), torch threads {torch.get_num_threads()}")
+        if args.paper_steps:
+            paper = TrainSettings(base_channels=64, depth=4, tile=388, batch_size=1, dropout=0.5, steps=10_000)
+            measure("paper model (64, depth 4)", paper, stacks, args.paper_steps, args.workers, 1)
+
+
+if __name__ == "__main__":
+    main()

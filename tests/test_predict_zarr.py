@@ -1,0 +1,139 @@
+"""Blockwise zarr -> zarr prediction: exact, resumable, same result on a dask cluster."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from unet_core import UNet, io
+from unet_core.predict import predict_image
+from test_predict import whole_image_reference
+
+
+def _model_file(path, **kwargs):
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2, dropout=0.0, **kwargs)
+    torch.save({"model": model.state_dict(), "architecture": model.config()}, path)
+    return model.eval(), path
+
+
+def _image(tmp_path, data, axes):
+    tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": axes}, photometric="minisblack")
+    return io.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes=axes.lower())
+
+
+def _normalised(image_path):
+    image = io.open_image(image_path)
+    mean, std = io.intensity_statistics(image)
+    return image, np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+@pytest.mark.parametrize("block", [(16, 24), (32, 32), (64, 80)])
+def test_2d_blockwise_equals_whole_image(tmp_path, block):
+    model, path = _model_file(tmp_path / "m.pt", in_channels=2)
+    data = np.random.default_rng(0).integers(0, 4000, (2, 2, 53, 71)).astype(np.uint16)  # t, c, y, x
+    image_path = _image(tmp_path, data, "TCYX")
+    summary = predict_image(path, image_path, tmp_path / "out.ome.zarr", block_shape=block, tile_shape=(12, 20),
+                            dtype="float32", batch_size=2)
+    assert summary["computed"] == 2 * -(-53 // block[0]) * -(-71 // block[1])
+    out = io.open_image(tmp_path / "out.ome.zarr")
+    assert out.axes == "tcyx" and tuple(out.array.chunks[2:]) == block
+    image, mean, std = _normalised(image_path)
+    for t in range(2):
+        plane = (np.asarray(image.array[t], np.float32) - mean[:, None, None]) / std[:, None, None]
+        np.testing.assert_allclose(out.array[t], whole_image_reference(model, plane), atol=1e-5)
+
+
+@pytest.mark.parametrize("block,tile", [((8, 16, 16), None), ((16, 32, 16), (4, 12, 12))])
+def test_3d_blockwise_equals_whole_image(tmp_path, block, tile):
+    model, path = _model_file(tmp_path / "m.pt", ndim=3)
+    data = np.random.default_rng(1).random((13, 37, 29)).astype(np.float32)
+    image_path = _image(tmp_path, data, "ZYX")
+    predict_image(path, image_path, tmp_path / "out.ome.zarr", block_shape=block, tile_shape=tile, dtype="float32")
+    image, mean, std = _normalised(image_path)
+    volume = (np.asarray(image.array[:], np.float32)[None] - mean[0]) / std[0]
+    np.testing.assert_allclose(io.open_image(tmp_path / "out.ome.zarr").array[:], whole_image_reference(model, volume),
+                               atol=1e-5)
+
+
+def test_tta_is_average_of_transformed_predictions(tmp_path):
+    model, path = _model_file(tmp_path / "m.pt")
+    data = np.random.default_rng(2).random((1, 40, 40)).astype(np.float32)
+    image_path = _image(tmp_path, data, "TYX")
+    predict_image(path, image_path, tmp_path / "tta.ome.zarr", dtype="float32", tta=True, tile_shape=(44, 44))
+    image, mean, std = _normalised(image_path)
+    plane = (np.asarray(image.array[0], np.float32) - mean[0]) / std[0]
+    expected = np.zeros((2, 40, 40))
+    for k in range(4):
+        for flip in (False, True):
+            x = np.rot90(plane[:, ::-1] if flip else plane, k)
+            p = np.rot90(whole_image_reference(model, x[None].copy()), -k, axes=(1, 2))
+            expected += p[:, :, ::-1] if flip else p
+    np.testing.assert_allclose(io.open_image(tmp_path / "tta.ome.zarr").array[0], expected / 8, atol=1e-5)
+
+
+def test_kill_and_resume_computes_only_missing_blocks(tmp_path):
+    _, path = _model_file(tmp_path / "m.pt")
+    data = np.random.default_rng(3).integers(0, 255, (24, 128, 128)).astype(np.uint8)
+    image_path = _image(tmp_path, data, "TYX")
+    reference = tmp_path / "reference.ome.zarr"
+    total = predict_image(path, image_path, reference, block_shape=(32, 32), scheduler="synchronous")["blocks"]
+    target = tmp_path / "out.ome.zarr"
+    script = (f"from unet_core.predict import predict_image\n"
+              f"predict_image({str(path)!r}, {str(image_path)!r}, {str(target)!r}, block_shape=(32, 32), "
+              f"scheduler='synchronous')\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    done = tmp_path / ".out.ome.zarr.partial" / ".done"
+    deadline = time.time() + 120
+    while time.time() < deadline and child.poll() is None:
+        if done.exists() and len(list(done.iterdir())) >= total // 2:
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "prediction finished before the kill: make the volume larger"
+    assert not target.exists()
+    finished = len(list(done.iterdir()))
+    assert 0 < finished < total
+    summary = predict_image(path, image_path, target, block_shape=(32, 32), scheduler="synchronous")
+    assert summary["resumed"] and summary["computed"] == total - finished
+    np.testing.assert_array_equal(io.open_image(target).array[:], io.open_image(reference).array[:])
+
+
+def test_distributed_cluster_gives_same_output(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    _, path = _model_file(tmp_path / "m.pt")
+    data = np.random.default_rng(4).integers(0, 255, (3, 64, 96)).astype(np.uint8)
+    image_path = _image(tmp_path, data, "TYX")
+    predict_image(path, image_path, tmp_path / "local.ome.zarr", block_shape=(32, 32))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+            predict_image(path, image_path, tmp_path / "cluster.ome.zarr", block_shape=(32, 32),
+                          scheduler="distributed")
+    np.testing.assert_array_equal(io.open_image(tmp_path / "cluster.ome.zarr").array[:],
+                                  io.open_image(tmp_path / "local.ome.zarr").array[:])
+
+
+def test_bad_inputs_raise_and_publish_nothing(tmp_path):
+    _, path2d = _model_file(tmp_path / "m2.pt")
+    _, path_rgb = _model_file(tmp_path / "m3.pt", in_channels=3)
+    volume = _image(tmp_path, np.zeros((4, 32, 32), np.uint8), "ZYX")
+    target = tmp_path / "out.ome.zarr"
+    with pytest.raises(ValueError, match="2D model cannot predict the 3D volume"):
+        predict_image(path2d, volume, target)
+    with pytest.raises(ValueError, match="1 channel.*expects 3"):
+        predict_image(path_rgb, volume, target, planewise=True)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        predict_image(tmp_path / "missing.pt", volume, target)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not an OME-Zarr image"):
+        predict_image(path2d, tmp_path / "plain", target)
+    with pytest.raises(ValueError, match="block_shape"):
+        predict_image(path2d, volume, target, planewise=True, block_shape=(30, 30))
+    assert not target.exists() and not list(tmp_path.glob(".out.ome.zarr*"))

@@ -1,0 +1,130 @@
+"""Training: exact resume after SIGTERM, weight maps computed when missing, exports."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from unet_core import io
+from unet_core.model import UNet
+from unet_core.prepare import prepare_targets
+from unet_core.train import TileDataset, TrainSettings, load_training_stack, train
+
+SETTINGS = dict(base_channels=4, depth=2, tile=36, batch_size=2, dropout=0.3, validate_every=1000, log_every=5,
+                deterministic=True, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def stacks(demo_tiffs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    image = io.ingest(demo_tiffs / "timelapse_a.tif", root / "a.ome.zarr", labels_path=demo_tiffs / "timelapse_a_labels.tif")
+    volume = io.ingest(demo_tiffs / "volume_3d.tif", root / "v.ome.zarr", labels_path=demo_tiffs / "volume_3d_labels.tif")
+    weights = prepare_targets(image, root / "a.weights.zarr")
+    return {"root": root, "image": image, "weights": weights, "volume": volume}
+
+
+def _train_script(image, weights, out, settings):
+    return (
+        "from unet_core.train import train, TrainSettings\n"
+        "from unet_core.cli import main\n"
+        f"train(train_images=[{str(image)!r}], train_weights=[{str(weights)!r}], out_dir={str(out)!r}, "
+        f"settings=TrainSettings(**{settings!r}))\n"
+    )
+
+
+def test_resume_after_sigterm_is_exact(stacks, tmp_path):
+    """N steps straight vs SIGTERM part-way and the same command again: identical weights.
+
+    All three runs are separate processes, as a restarted SLURM job would be.
+    """
+    settings = {**SETTINGS, "steps": 80, "checkpoint_every": 10}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    command = [sys.executable, "-c", _train_script(stacks["image"], stacks["weights"], straight, settings)]
+    subprocess.run(command, check=True, capture_output=True)
+    command = [sys.executable, "-c", _train_script(stacks["image"], stacks["weights"], resumed, settings)]
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (resumed / "checkpoint.pt").exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode != 0, "training finished before the signal: make the run longer"
+    assert "rerun the same command to resume" in stderr
+    interrupted_at = torch.load(resumed / "checkpoint.pt", weights_only=True)["step"]
+    assert 10 <= interrupted_at < 80
+    assert not (resumed / "model.pt").exists()
+    subprocess.run(command, check=True, capture_output=True)
+    a = torch.load(straight / "model.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (resumed / "training_log.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in log[1:]] == list(range(5, 81, 5))
+
+
+def test_changed_settings_start_afresh(stacks, tmp_path):
+    kwargs = dict(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], out_dir=tmp_path)
+    train(**kwargs, settings=TrainSettings(**{**SETTINGS, "steps": 4}))
+    with pytest.warns(UserWarning, match="other settings or data"):
+        train(**kwargs, settings=TrainSettings(**{**SETTINGS, "steps": 6}))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert (tmp_path / "checkpoint.previous.pt").exists()
+
+
+def test_missing_weight_map_is_computed(stacks, tmp_path):
+    given = load_training_stack(stacks["image"], stacks["weights"], 2)
+    computed = load_training_stack(stacks["image"], tmp_path / "missing.zarr", 2)
+    for a, b in zip(given.weights, computed.weights):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(computed.weights[0], 1.0)
+
+
+def test_corrupt_training_stack_is_named(stacks, tmp_path):
+    bad = tmp_path / "broken.ome.zarr"
+    bad.mkdir()
+    with pytest.raises(ValueError, match="broken.ome.zarr"):
+        train(train_images=[str(bad)], out_dir=tmp_path / "out", settings=TrainSettings(steps=1))
+
+
+def test_outputs_load_without_pickled_code_and_torchscript_matches(stacks, tmp_path):
+    out = train(train_images=[str(stacks["image"])], out_dir=tmp_path, settings=TrainSettings(**{**SETTINGS, "steps": 3}))
+    state = torch.load(out / "model.pt", weights_only=True)
+    torch.load(out / "checkpoint.pt", weights_only=True)
+    model = UNet(**state["architecture"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    x = torch.randn(1, 1, *model.input_shape_for((20, 28)))
+    torch.testing.assert_close(scripted(x), model(x))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["settings"]["steps"] == 3 and card["training_data"][0]["sha256"]
+    assert card["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("ndim,source", [(2, "image"), (3, "volume")])
+def test_tile_dataset_is_a_pure_function_of_seed_and_step(stacks, ndim, source):
+    settings = TrainSettings(**{**SETTINGS, "ndim": ndim, "tile": 12 if ndim == 3 else 36, "steps": 10})
+    stack = load_training_stack(stacks[source], None, ndim)
+    model = UNet(base_channels=2, depth=2, ndim=ndim)
+    dataset = TileDataset([stack], model, settings)
+    first, again, other = dataset[7], dataset[7], dataset[8]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    image, target, weight = first
+    assert tuple(image.shape) == (2, 1, *model.input_shape_for((settings.tile,) * ndim))
+    assert tuple(target.shape) == (2, *(settings.tile,) * ndim) == tuple(weight.shape)
+    assert set(np.unique(target.numpy())) <= {0, 1}
+
+
+def test_settings_from_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown training settings.*'stepz'"):
+        TrainSettings.from_config({}, {"stepz": 3})
+    assert asdict(TrainSettings.from_config({"depth": 2}, {"steps": 5}))["steps"] == 5
