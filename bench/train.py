@@ -88,10 +88,14 @@ def main():
             zarr_path = io.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
                                   labels_path=tmp / "demo" / f"{name}_labels.tif")
             stacks.append(load_training_stack(zarr_path, None, 2))
-        demo = TrainSettings(steps=10_000, num_workers=args.workers)
-        ratio = measure("CPU demo model (16, depth 3)", demo, stacks, args.steps, args.workers, args.repeats)
-        print(f"full pipeline / in-memory step time: {ratio:.3f} (goal <= 1.10), "
+        preset = TrainSettings(base_channels=16, depth=4, tile=164, batch_size=4, steps=10_000)
+        ratio = measure("ISBI cpu preset (16, depth 4)", preset, stacks, max(args.steps // 3, 6), args.workers,
+                        args.repeats)
+        print(f"cpu preset: full pipeline / in-memory step time: {ratio:.3f} (goal <= 1.10), "
               f"{args.workers} worker(s), torch threads {torch.get_num_threads()}")
+        demo = TrainSettings(steps=10_000)
+        ratio = measure("CPU demo model (16, depth 3)", demo, stacks, args.steps, args.workers, args.repeats)
+        print(f"demo model: full pipeline / in-memory step time: {ratio:.3f}")
         if args.paper_steps:
             paper = TrainSettings(base_channels=64, depth=4, tile=388, batch_size=1, dropout=0.5, steps=10_000)
             measure("paper model (64, depth 4)", paper, stacks, args.paper_steps, args.workers, 1)

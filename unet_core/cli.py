@@ -37,7 +37,8 @@ def _demo_data(args) -> None:
 
 def _ingest(args) -> None:
     from .io import ingest
-    ingest(args.input, args.output, labels_path=args.labels, axes=args.axes, chunks=args.chunks)
+    ingest(args.input, args.output, labels_path=args.labels, axes=args.axes, chunks=args.chunks,
+           pyramid=not args.no_pyramid, subset=args.subset)
 
 
 def _weight_map(args) -> None:
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="instance ground truth TIFF of the same shape (without channels)")
     p.add_argument("--axes", help="axes override, e.g. 'tyx' or 'zcyx'")
     p.add_argument("--chunks", type=_ints, help="chunk shape, e.g. 1,512,512")
+    p.add_argument("--subset", help="ingest only a range, e.g. z=0:20 (NGFF axis letters)")
+    p.add_argument("--no-pyramid", action="store_true", help="write level 0 only (no viewing pyramid)")
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("weight-map", help="targets + paper weight maps from an ingested stack's ground truth")

@@ -12,5 +12,6 @@ rule ingest:
     params:
         axes=stack_axes,
         chunks=config["ingest"]["chunks"],
+        subset=stack_subset,
     script:
         "../scripts/ingest.py"

@@ -13,6 +13,7 @@ def main(snakemake):
             labels_path=snakemake.input.get("labels"),
             axes=snakemake.params.axes,
             chunks=snakemake.params.chunks,
+            subset=snakemake.params.subset,
         )
 
 

@@ -1,0 +1,506 @@
+"""Benchmark: blockwise zarr→zarr prediction against the model alone, against MONAI, and its memory.
+
+Every figure is a ratio against a baseline measured in the same run (the machine is shared and
+noisy: runs are interleaved, repeated, and the fastest of each kind is kept).
+
+(a) ``predict_image`` (OME-Zarr → OME-Zarr, default block and tile) on a ``(T, Y, X)`` uint16
+    volume with a base-16, depth-4 2D U-Net, against the model alone: forward passes over
+    in-memory channels_last tensors of the same tile input shapes and the same count
+    (``torch.inference_mode``). Ratio = model-only time / predict_image time = output px/s of
+    predict_image / output px/s of the same forward passes; goal >= 0.90 (reading, mirroring,
+    normalising, scheduling, softmax and writing cost <= 10 %). Also printed: the tiling
+    efficiency of the block plan (output px / computed tile px) and the same pair for a block
+    shape matched to the tile (``--matched-block``), to separate I/O cost from tile waste.
+(b) In-memory throughput at equal forward memory: ``predict_tiled`` (default tile, chosen by
+    ``default_tile_shape`` to fill ``CPU_MEMORY_BUDGET``) against MONAI's
+    ``sliding_window_inference`` (overlap 0.25, gaussian blending, sw_batch_size 1) running a
+    padded-convolution twin of the same U-Net (same layers, widths and weights, 3x3 convs with
+    zero padding 1), its roi the largest multiple of 2**depth whose ``forward_memory``
+    estimate fits the same budget. Ratio ours/MONAI of output px/s, goal >= 1.0 in 2D (planes
+    of the (a) volume). In 3D (base-16, depth-3 3D U-Net on a synthetic volume) the ratio is
+    printed for the default tile and for a sweep of larger tiles, with the tile size at which
+    it reaches 1.0. The estimated memory of each side is checked by measuring the real peak of
+    one forward pass in a subprocess (growth of VmHWM after a reset). "Interior" ratios use one
+    forward pass per side (output px per pass / pass time: tile² for ours, MONAI's step² for
+    MONAI), i.e. the ratio on an infinitely large image, without border effects.
+(c) Peak RSS of ``predict_image`` (tiny model: base 2, depth 2; ``dtype="uint8"``) on a 4 GB
+    uint16 ``(T, Y, X)`` OME-Zarr against a 0.5 GB one, each in its own subprocess; goal <= 1.2.
+
+Volumes are OME-Zarr written with ``unet_core.io.atomic_image`` (smooth blobs plus noise,
+filled one plane at a time) in a temporary folder under ``--tmp`` that is deleted at the end.
+Runs one heavy process at a time (torch uses all cores).
+
+Usage: python bench/predict.py [--quick] [--parts a,b,c] [--planes 8] [--size 2048] [--repeats 2]
+       [--rss-gb 4 --rss-small-gb 0.5] [--tmp /tmp]
+Requires monai for (b): pip install monai (with --no-deps if pip wants to change torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # predict_image's progress bar would flood the output
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from unet_core import io  # noqa: E402
+from unet_core.model import UNet, valid_sizes  # noqa: E402
+from unet_core.predict import (CPU_MEMORY_BUDGET, default_tile_shape, forward_memory, predict_image,  # noqa: E402
+                               predict_tiled)
+from unet_core.tiling import tile_origins  # noqa: E402
+
+MiB = 2**20
+
+
+# --- data and models -----------------------------------------------------------------------
+
+def _bases(size_y: int, size_x: int, count: int, rng) -> list[np.ndarray]:
+    """Smooth blob images (uint16), like fluorescence; noise is added per plane."""
+    ay, ax = np.arange(size_y, dtype=np.float32), np.arange(size_x, dtype=np.float32)
+    bases = []
+    for _ in range(count):
+        image = np.full((size_y, size_x), 100.0, np.float32)
+        for _ in range(max(8, size_y * size_x // 50_000)):
+            cy, cx = rng.uniform(0, size_y), rng.uniform(0, size_x)
+            radius = rng.uniform(6, 40)
+            wy = slice(max(0, int(cy - 4 * radius)), int(cy + 4 * radius))
+            wx = slice(max(0, int(cx - 4 * radius)), int(cx + 4 * radius))
+            gy = np.exp(-((ay[wy] - cy) ** 2) / (2 * radius**2))
+            gx = np.exp(-((ax[wx] - cx) ** 2) / (2 * radius**2))
+            image[wy, wx] += rng.uniform(200, 3000) * np.outer(gy, gx)
+        bases.append(image.astype(np.uint16))
+    return bases
+
+
+def write_volume(path: Path, planes: int, size: int, seed: int = 0) -> Path:
+    """A uint16 ``tyx`` OME-Zarr of ``planes`` planes of ``size`` x ``size``, written plane by plane."""
+    rng = np.random.default_rng(seed)
+    bases = _bases(size, size, 4, rng)
+    with io.atomic_image(path, "tyx", (planes, size, size), dtype="uint16", scale=[1.0, 1.0, 1.0]) as writer:
+        for t in range(planes):
+            noise = rng.integers(0, 48, (size, size), dtype=np.uint16)
+            writer.array[t] = bases[(t // 8) % len(bases)] + noise
+    return path
+
+
+def volume_3d(shape: tuple[int, int, int], seed: int = 1) -> np.ndarray:
+    """A normalised float32 ``(1, Z, Y, X)`` volume: blobs stacked with a slow drift, plus noise."""
+    rng = np.random.default_rng(seed)
+    bases = _bases(shape[1], shape[2], 4, rng)
+    volume = np.empty(shape, np.float32)
+    for z in range(shape[0]):
+        volume[z] = bases[(z // 16) % len(bases)] + rng.normal(0, 20, shape[1:])
+    volume -= volume.mean()
+    volume /= volume.std()
+    return volume[None]
+
+
+def make_model(ndim: int, base: int, depth: int, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(in_channels=1, n_classes=2, base_channels=base, depth=depth, ndim=ndim, dropout=0.5).eval()
+
+
+def save_model(model: UNet, path: Path) -> Path:
+    torch.save({"model": model.state_dict(), "architecture": model.config()}, path)
+    return path
+
+
+class PaddedTwin(UNet):
+    """The same U-Net with zero-padded ("same") 3x3 convolutions: the usual peer for MONAI.
+
+    Same layers, widths, depth and weights; with input sizes that are multiples of 2**depth
+    the skip maps already match, so the centre crop is a no-op.
+    """
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__(**model.config())
+        self.load_state_dict(model.state_dict())
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)) and module.kernel_size[0] == 3:
+                module.padding = (1,) * self.ndim
+        self.eval()
+
+    def _check_input(self, x: torch.Tensor) -> None:  # any multiple of 2**depth is valid
+        pass
+
+
+def memory_format(ndim: int) -> torch.memory_format:
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+def equal_memory_roi(model: UNet, budget: int) -> int:
+    """Largest multiple of 2**depth whose (roi,)*ndim forward pass fits ``budget`` by ``forward_memory``."""
+    grid = 2**model.depth
+    roi = grid
+    while forward_memory(model, (roi + grid,) * model.ndim) <= budget:
+        roi += grid
+    return roi
+
+
+# --- timing helpers ----------------------------------------------------------------------------
+
+def forward_seconds(model: nn.Module, input_shape, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` inference forward passes (after one warm-up) on an in-memory tensor."""
+    ndim = len(input_shape)
+    x = torch.randn(1, 1, *input_shape).contiguous(memory_format=memory_format(ndim))
+    model.to(memory_format=memory_format(ndim))
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def block_plan(model: UNet, spatial_shape, block_shape=None, tile_shape=None) -> collections.Counter:
+    """Tile input shapes and their count for one plane, as ``predict_image`` tiles its blocks.
+
+    Mirrors ``unet_core.predict``: default block 512 (2D) / 128 (3D) capped by the image, per
+    block ``default_tile_shape(model, block size)`` and ``tile_origins`` on the pooling grid.
+    """
+    grid = 2**model.depth
+    if block_shape is None:
+        block_shape = tuple(min(512 if model.ndim == 2 else 128, -(-s // grid) * grid) for s in spatial_shape)
+    plan: collections.Counter = collections.Counter()
+    for origin in itertools.product(*(range(0, s, b) for s, b in zip(spatial_shape, block_shape))):
+        size = tuple(min(b, s - o) for b, s, o in zip(block_shape, spatial_shape, origin))
+        tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, size, "cpu")
+        plan[tile] += len(tile_origins(size, tile, grid))
+    return plan
+
+
+def model_only_seconds(model: UNet, plan: collections.Counter, planes: int) -> float:
+    """Wall time of the plan's forward passes on in-memory tensors (model only, no I/O)."""
+    fmt = memory_format(model.ndim)
+    model.to(memory_format=fmt)
+    inputs = {tile: torch.randn(1, model.in_channels, *model.input_shape_for(tile)).contiguous(memory_format=fmt)
+              for tile in plan}
+    with torch.inference_mode():
+        for x in inputs.values():  # warm-up, one per shape
+            model(x)
+        start = time.perf_counter()
+        for tile, count in plan.items():
+            for _ in range(count * planes):
+                model(inputs[tile])
+        return time.perf_counter() - start
+
+
+def predict_image_seconds(model_path: Path, image_path: Path, output_path: Path, **kwargs) -> float:
+    start = time.perf_counter()
+    predict_image(model_path, image_path, output_path, device="cpu", **kwargs)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(output_path)
+    return seconds
+
+
+# --- subprocess measurements -------------------------------------------------------------------
+
+def _peak_rss() -> int:
+    """Peak resident bytes of this process since the last reset (VmHWM)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the peak to the current RSS (Linux ``clear_refs`` 5); returns the new peak."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    return _peak_rss()
+
+
+def _child(argument: str) -> None:
+    """Entry point of the measurement subprocesses; prints one JSON line."""
+    spec = json.loads(argument)
+    if spec["what"] == "peak":  # peak memory of one forward pass
+        model = make_model(spec["ndim"], spec["base"], spec["depth"])
+        if spec["kind"] == "twin":
+            model = PaddedTwin(model)
+            small = (2 ** spec["depth"],) * spec["ndim"]
+        else:
+            small = (valid_sizes(spec["depth"], kind="input", near=1)[-1],) * spec["ndim"]
+        fmt = memory_format(spec["ndim"])
+        model.to(memory_format=fmt)
+        x = torch.randn(1, 1, *spec["shape"]).contiguous(memory_format=fmt)
+        with torch.inference_mode():
+            model(torch.randn(1, 1, *small).contiguous(memory_format=fmt))  # warm-up: allocator, kernels
+            before = _reset_peak_rss()
+            model(x)
+            after = _peak_rss()
+        print(json.dumps({"peak_mib": (after - before) / MiB}))
+    elif spec["what"] == "rss":  # peak RSS of predict_image (or of the imports and model alone)
+        start = time.perf_counter()
+        if spec.get("output"):
+            predict_image(spec["model"], spec["image"], spec["output"], dtype="uint8", device="cpu")
+        else:
+            from unet_core.predict import load_model
+            load_model(spec["model"])
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"maxrss_mib": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}))
+    else:
+        raise SystemExit(f"unknown child measurement {spec['what']!r}")
+
+
+def run_child(spec: dict) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode:
+        raise SystemExit(f"subprocess {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- (a) zarr→zarr against the model alone ---------------------------------------------------------
+
+def part_a(args, workdir: Path, model: UNet, model_path: Path, image_path: Path) -> dict:
+    spatial = (args.size, args.size)
+    pixels = args.planes * args.size**2
+    variants = {"default block": None}
+    if args.matched_block:
+        # a block that the default tile covers without waste: a multiple of the tile's step
+        tile = default_tile_shape(model, spatial, "cpu")
+        step = (tile[0] // 2**model.depth) * 2**model.depth
+        variants[f"block {args.matched_block * step}"] = (args.matched_block * step,) * 2
+    plans = {name: block_plan(model, spatial, block) for name, block in variants.items()}
+    print(f"\n(a) predict_image zarr→zarr vs model-only forward, {args.planes}x{args.size}x{args.size} uint16 'tyx', "
+          f"UNet base {model.base_channels} depth {model.depth} 2D, torch threads {torch.get_num_threads()}")
+    for name, plan in plans.items():
+        computed = sum(math.prod(t) * n for t, n in plan.items())
+        print(f"    {name}: tiles per plane {dict((f'{t[0]}x{t[1]}', n) for t, n in plan.items())}, "
+              f"computed/output px {computed / args.size**2:.2f}")
+    times = {name: {"model": [], "predict": []} for name in variants}
+    for repeat in range(args.repeats):
+        for name, block in variants.items():
+            times[name]["model"].append(model_only_seconds(model, plans[name], args.planes))
+            times[name]["predict"].append(
+                predict_image_seconds(model_path, image_path, workdir / "out.ome.zarr", block_shape=block))
+            print(f"    repeat {repeat + 1} {name}: model-only {times[name]['model'][-1]:6.1f} s, "
+                  f"predict_image {times[name]['predict'][-1]:6.1f} s", flush=True)
+    default_tile = default_tile_shape(model, spatial, "cpu")
+    ideal = math.prod(default_tile) / forward_seconds(model, model.input_shape_for(default_tile))
+    result = {"ideal_px_s": ideal}
+    for name in variants:
+        model_s, predict_s = min(times[name]["model"]), min(times[name]["predict"])
+        result[name] = {"model_s": model_s, "predict_s": predict_s, "px_s": pixels / predict_s}
+        print(f"    {name}: predict_image {pixels / predict_s / 1e6:.3f} Mpx/s, model-only same tiles "
+              f"{pixels / model_s / 1e6:.3f} Mpx/s → ratio (a) {model_s / predict_s:.3f} (goal >= 0.90); "
+              f"vs one {default_tile[0]}² forward's output px/s {pixels / predict_s / ideal:.3f}")
+    return result
+
+
+# --- (b) ours vs MONAI at equal memory -----------------------------------------------------------
+
+def _time_ours(model: UNet, images: list[np.ndarray], tile) -> float:
+    start = time.perf_counter()
+    for image in images:
+        predict_tiled(model, image, tile_shape=tile, device="cpu")
+    return time.perf_counter() - start
+
+
+def _time_monai(twin: PaddedTwin, images: list[np.ndarray], roi: int) -> float:
+    from monai.inferers import sliding_window_inference
+
+    fmt = memory_format(twin.ndim)
+    twin.to(memory_format=fmt)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        return twin(x.contiguous(memory_format=fmt))
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for image in images:
+            logits = sliding_window_inference(torch.from_numpy(image)[None], (roi,) * twin.ndim, 1, predictor,
+                                              overlap=0.25, mode="gaussian")
+            torch.softmax(logits, dim=1)[0].numpy()
+    return time.perf_counter() - start
+
+
+def _memory_check(model: UNet, tile, roi: int) -> tuple[float, float]:
+    spec = {"what": "peak", "ndim": model.ndim, "base": model.base_channels, "depth": model.depth}
+    ours = run_child({**spec, "kind": "ours", "shape": list(model.input_shape_for(tile))})["peak_mib"]
+    monai = run_child({**spec, "kind": "twin", "shape": [roi] * model.ndim})["peak_mib"]
+    return ours, monai
+
+
+def _compare(label: str, model: UNet, images: list[np.ndarray], budget: int, repeats: int, sweep=()) -> dict:
+    twin = PaddedTwin(model)
+    spatial = images[0].shape[1:]
+    tile = default_tile_shape(model, spatial, "cpu", memory_budget=budget)
+    roi = equal_memory_roi(model, budget)
+    voxels = sum(math.prod(image.shape[1:]) for image in images)
+    est_ours = forward_memory(model, model.input_shape_for(tile)) / MiB
+    est_monai = forward_memory(model, (roi,) * model.ndim) / MiB
+    peak_ours, peak_monai = _memory_check(model, tile, roi)
+    print(f"    budget {budget / MiB:.0f} MiB: ours tile {tile} (input {model.input_shape_for(tile)}), "
+          f"MONAI roi {roi} (step {int(roi * 0.75)}); forward memory estimate ours {est_ours:.0f} / MONAI "
+          f"{est_monai:.0f} MiB, measured peak ours {peak_ours:.0f} / MONAI {peak_monai:.0f} MiB "
+          f"(MONAI/ours {peak_monai / peak_ours:.2f})")
+    ours_s, monai_s = [], []
+    for _ in range(repeats):
+        ours_s.append(_time_ours(model, images, tile))
+        monai_s.append(_time_monai(twin, images, roi))
+    ours_rate, monai_rate = voxels / min(ours_s), voxels / min(monai_s)
+    ratio = ours_rate / monai_rate
+    # interior (no border effects): output per forward pass / forward time
+    fwd_ours = forward_seconds(model, model.input_shape_for(tile))
+    fwd_monai = forward_seconds(twin, (roi,) * model.ndim)
+    interior = (math.prod(tile) / fwd_ours) / (int(roi * 0.75) ** model.ndim / fwd_monai)
+    print(f"    {label}: ours {ours_rate / 1e6:.3f} M/s, MONAI {monai_rate / 1e6:.3f} M/s → ratio (b) "
+          f"ours/MONAI {ratio:.3f}; interior ratio {interior:.3f} (one pass each: ours {fwd_ours:.2f} s for "
+          f"{math.prod(tile) / 1e3:.0f} k, MONAI {fwd_monai:.2f} s for {int(roi * 0.75) ** model.ndim / 1e3:.0f} k)",
+          flush=True)
+    result = {"tile": tile, "roi": roi, "ratio": ratio, "interior": interior, "ours_rate": ours_rate,
+              "monai_rate": monai_rate, "peak_ours_mib": peak_ours, "peak_monai_mib": peak_monai}
+    if sweep:
+        rows = [(tile[0], ratio, interior)]
+        for edge in sweep:
+            if edge <= tile[0]:
+                continue
+            t = (edge,) * model.ndim
+            seconds = _time_ours(model, images, t)
+            r = voxels / seconds / monai_rate
+            fwd = forward_seconds(model, model.input_shape_for(t), repeats=2)
+            inner = (math.prod(t) / fwd) / (int(roi * 0.75) ** model.ndim / fwd_monai)
+            rows.append((edge, r, inner))
+            print(f"    ours tile {edge}³ (input {model.input_shape_for(t)[0]}³, estimate "
+                  f"{forward_memory(model, model.input_shape_for(t)) / MiB:.0f} MiB = "
+                  f"{forward_memory(model, model.input_shape_for(t)) / budget:.1f}x budget): ours/MONAI {r:.3f}, "
+                  f"interior {inner:.3f}", flush=True)
+        result["sweep"] = rows
+        for column, name in ((1, "on this volume"), (2, "interior")):
+            reached = next((row[0] for row in rows if row[column] >= 1.0), None)
+            if reached:
+                print(f"    ours reaches 1.0x MONAI {name} at tile {reached}³")
+            else:
+                best = max(rows, key=lambda row: row[column])
+                print(f"    ours does not reach 1.0x MONAI {name} up to tile {rows[-1][0]}³ (best {best[column]:.3f} "
+                      f"at {best[0]}³)")
+        result["reached"] = next((row[0] for row in rows if row[1] >= 1.0), None)
+    return result
+
+
+def part_b(args, model2d: UNet, image_path: Path) -> dict:
+    image = io.open_image(image_path)
+    mean, std = io.intensity_statistics(image)
+    planes = [((np.asarray(image.array[t], np.float32) - mean[0]) / std[0])[None] for t in range(args.b_planes)]
+    print(f"\n(b) in-memory throughput at equal forward memory: predict_tiled vs MONAI sliding_window_inference "
+          f"(overlap 0.25, gaussian) with a padded twin of the same U-Net")
+    print(f"  2D: {args.b_planes} planes {args.size}x{args.size} of the (a) volume, base {model2d.base_channels} "
+          f"depth {model2d.depth}")
+    result = {"2d": _compare("2D", model2d, planes, CPU_MEMORY_BUDGET[2], args.repeats + 1)}
+    del planes
+    model3d = make_model(3, args.base_3d, args.depth_3d)
+    volume = volume_3d(tuple(args.shape_3d))
+    budget = args.budget_3d * MiB if args.budget_3d else CPU_MEMORY_BUDGET[3]
+    print(f"  3D: synthetic volume {tuple(args.shape_3d)}, base {model3d.base_channels} depth {model3d.depth}")
+    result["3d"] = _compare("3D", model3d, [volume], budget, args.repeats, sweep=args.sweep_3d)
+    return result
+
+
+# --- (c) peak RSS against volume size ---------------------------------------------------------------
+
+def part_c(args, workdir: Path) -> dict:
+    tiny = make_model(2, 2, 2)
+    model_path = save_model(tiny, workdir / "tiny.pt")
+    plane_bytes = args.size**2 * 2
+    small = max(1, round(args.rss_small_gb * 2**30 / plane_bytes))
+    big = max(1, round(args.rss_gb * 2**30 / plane_bytes))
+    free = shutil.disk_usage(workdir).free
+    need = 3 * big * plane_bytes  # input (compresses to ~0.7x) + uint8 probabilities (2 classes)
+    if free < need:
+        raise SystemExit(f"(c) needs about {need / 2**30:.1f} GiB free under {workdir}, only {free / 2**30:.1f} GiB; "
+                         f"pass a smaller --rss-gb or another --tmp")
+    print(f"\n(c) peak RSS of predict_image (tiny UNet base 2 depth 2, dtype uint8), each in its own subprocess")
+    floor = run_child({"what": "rss", "model": str(model_path)})
+    print(f"    imports + model only: {floor['maxrss_mib']:.0f} MiB")
+    result = {"floor_mib": floor["maxrss_mib"]}
+    for name, planes in (("small", small), ("big", big)):
+        path = workdir / f"rss_{name}.ome.zarr"
+        start = time.perf_counter()
+        write_volume(path, planes, args.size, seed=2)
+        written = time.perf_counter() - start
+        try:
+            record = run_child({"what": "rss", "model": str(model_path), "image": str(path),
+                                "output": str(workdir / f"rss_{name}_out.ome.zarr")})
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(workdir / f"rss_{name}_out.ome.zarr", ignore_errors=True)
+        gib = planes * plane_bytes / 2**30
+        result[name] = {"gib": gib, **record}
+        print(f"    {gib:5.2f} GiB ({planes}x{args.size}x{args.size} uint16, written in {written:.0f} s): "
+              f"peak RSS {record['maxrss_mib']:.0f} MiB, predict_image {record['seconds']:.0f} s "
+              f"({planes * args.size**2 / record['seconds'] / 1e6:.1f} Mpx/s)", flush=True)
+    ratio = result["big"]["maxrss_mib"] / result["small"]["maxrss_mib"]
+    above = (result["big"]["maxrss_mib"] - floor["maxrss_mib"]) / (result["small"]["maxrss_mib"] - floor["maxrss_mib"])
+    print(f"    ratio (c) peak RSS {result['big']['gib']:.2f} GiB / {result['small']['gib']:.2f} GiB: {ratio:.3f} "
+          f"(goal <= 1.2); above the imports+model floor: {above:.3f}")
+    result["ratio"] = ratio
+    return result
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every part in minutes")
+    parser.add_argument("--parts", default="a,b,c", help="comma-separated subset of a, b, c")
+    parser.add_argument("--planes", type=int, default=8, help="(a) volume planes (t)")
+    parser.add_argument("--size", type=int, default=2048, help="plane edge of the (a) and (c) volumes")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the fastest is kept")
+    parser.add_argument("--matched-block", type=int, default=2,
+                        help="(a) also run a block of this many tile steps (0: skip)")
+    parser.add_argument("--b-planes", type=int, default=2, help="(b) 2D: planes of the (a) volume")
+    parser.add_argument("--shape-3d", type=int, nargs=3, default=[144, 192, 192])
+    parser.add_argument("--base-3d", type=int, default=16)
+    parser.add_argument("--depth-3d", type=int, default=3)
+    parser.add_argument("--budget-3d", type=int, default=0, help="MiB; 0: CPU_MEMORY_BUDGET[3]")
+    parser.add_argument("--sweep-3d", type=int, nargs="*", default=[60, 76, 92, 108],
+                        help="larger output tile edges for ours in 3D")
+    parser.add_argument("--rss-gb", type=float, default=4.0, help="(c) big volume, GiB of uint16")
+    parser.add_argument("--rss-small-gb", type=float, default=0.5, help="(c) small volume, GiB of uint16")
+    parser.add_argument("--tmp", default="/tmp", help="folder for the temporary volumes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child)
+        return
+    if args.quick:
+        args.planes, args.size, args.repeats, args.b_planes = 2, 1024, 1, 1
+        args.shape_3d, args.budget_3d, args.sweep_3d = [112, 128, 128], 512, [36, 52]
+        args.rss_gb, args.rss_small_gb = 0.125, 0.0156
+    parts = set(args.parts.split(","))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+          f"free under {args.tmp}: {shutil.disk_usage(args.tmp).free / 2**30:.0f} GiB")
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench_predict_") as tmp:
+        workdir = Path(tmp)
+        model = make_model(2, 16, 4)
+        if parts & {"a", "b"}:
+            model_path = save_model(model, workdir / "unet16.pt")
+            image_path = write_volume(workdir / "volume.ome.zarr", args.planes, args.size)
+        if "a" in parts:
+            part_a(args, workdir, model, model_path, image_path)
+        if "b" in parts:
+            part_b(args, model, image_path)
+        if "c" in parts:
+            part_c(args, workdir)
+
+
+if __name__ == "__main__":
+    main()
