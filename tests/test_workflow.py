@@ -76,3 +76,20 @@ def test_config_errors_name_the_key(workdir, tmp_path):
     result = _snakemake(workdir, "-n", "--configfile", str(bad))
     assert result.returncode != 0
     assert "steps" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_isbi_config_dry_run(repo, preset):
+    if not (repo.parent / "shared" / "data" / "isbi2012" / "train-volume.tif").exists():
+        pytest.skip("ISBI 2012 data not present in ../shared")
+    result = _snakemake(repo, "-n", "--configfile", "config/isbi2012.yaml", "--config", f"preset={preset}")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    table = text.split("Job stats:")[1]
+    assert re.search(r"^ingest\s+2$", table, re.M) and re.search(r"^train\s+1$", table, re.M)
+
+
+def test_unknown_preset_is_named(repo):
+    result = _snakemake(repo, "-n", "--config", "preset=turbo")
+    assert result.returncode != 0
+    assert "preset 'turbo' is not defined" in result.stdout + result.stderr
