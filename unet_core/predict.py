@@ -201,8 +201,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(path: str, device: str) -> UNet:
-    """One model per worker process and device (tasks of a worker share it)."""
+def _cached_model(path: str, device: str, sha256: str) -> UNet:
+    """One model per worker process, device and checkpoint content (tasks of a worker share it;
+    a retrained checkpoint at the same path is a new key)."""
     model, _ = load_model(path, device)
     return model.to(memory_format=_memory_format(model.ndim))
 
@@ -252,6 +253,7 @@ class _Job:
     std: tuple[float, ...]
     scale: float
     tta: bool
+    model_sha256: str = ""
 
     def block_region(self, block_id: int) -> tuple[dict, tuple[int, ...], tuple[int, ...]]:
         position = np.unravel_index(block_id, self.loop_shape + self.block_grid)
@@ -301,7 +303,7 @@ def _done_dir(output_path: str | Path) -> Path:
 
 def _run_blocks(job: _Job, block_ids: list[int], progress=None) -> int:
     """Predict ``block_ids`` with reads prefetched and writes in the background; returns the count."""
-    model = _cached_model(job.model_path, job.device)
+    model = _cached_model(job.model_path, job.device, job.model_sha256)
     image = io.open_image(job.image_path)
     output = zarr.open_array(Path(job.output_path) / "0", mode="r+")
     out_axes = io.canonical_axes(set(job.loop_axes) | set(job.spatial) | {"c"})
@@ -452,7 +454,7 @@ def predict_image(
     todo = [b for b in range(total) if b not in finished]
     job = _Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
                block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, tuple(mean), tuple(std),
-               scale, tta)
+               scale, tta, fingerprint["model_sha256"])
     _schedule(job, todo, scheduler, partitions, desc=f"predict {image_path.name}")
     if len(list(_done_dir(partial).iterdir())) != total:
         raise RuntimeError(f"{output_path}: not all blocks finished; rerun to complete the missing blocks")
