@@ -23,15 +23,19 @@ from unet_core.model import UNet
 from unet_core.train import TileDataset, TrainSettings, load_training_stack
 
 
+def _train_step(model, optimizer, batch, memory_format):
+    image, target, weight = batch
+    loss = weighted_cross_entropy(model(image.contiguous(memory_format=memory_format)), target, weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def _step_time(model, optimizer, batches, steps, memory_format):
     times = []
-    for index, (image, target, weight) in enumerate(itertools.islice(batches, steps + 2)):
+    for index, batch in enumerate(itertools.islice(batches, steps + 2)):
         start = time.perf_counter()
-        image = image.contiguous(memory_format=memory_format)
-        loss = weighted_cross_entropy(model(image), target, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _train_step(model, optimizer, batch, memory_format)
         if index >= 2:  # warm-up
             times.append(time.perf_counter() - start)
     return times
@@ -41,16 +45,10 @@ def _pipeline_time(model, optimizer, dataset, steps, workers, memory_format):
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
     start = time.perf_counter()
-    count = 0
-    for image, target, weight in itertools.islice(loader, steps + 2):
-        if count == 2:
+    for count, batch in enumerate(itertools.islice(loader, steps + 2)):
+        if count == 2:  # warm-up: the loader's first batches include worker start-up
             start = time.perf_counter()
-        image = image.contiguous(memory_format=memory_format)
-        loss = weighted_cross_entropy(model(image), target, weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        count += 1
+        _train_step(model, optimizer, batch, memory_format)
     return (time.perf_counter() - start) / steps
 
 
