@@ -1,12 +1,11 @@
-import re
-
 # Sample sheet, config validation and input functions shared by all rules.
-import csv
+import re
 from pathlib import Path
 
 from snakemake.utils import validate
 
 from unet_core.demo import DEMO_STACKS
+from unet_core.samples import discover_stacks, merge_stacks, read_sample_sheet
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -29,24 +28,25 @@ _apply_preset(config)
 validate(config, schema="../schemas/config.schema.yaml")
 
 
-def _read_samples(path):
-    with open(path, newline="") as handle:
-        rows = [
-            {k: (v or "").strip() for k, v in row.items()}
-            for row in csv.DictReader(
-                (line for line in handle if not line.startswith("#")), delimiter="\t"
-            )
-        ]
-    for row in rows:
+def _read_samples():
+    """The batch: the sample sheet's rows, then stacks discovered in the raw folder."""
+    sheet = read_sample_sheet(config["samples"])
+    discover = config["discover"]
+    found = []
+    if discover["folder"]:
+        found = discover_stacks(
+            discover["folder"],
+            discover["pattern"],
+            labels_suffix=discover["labels_suffix"],
+            min_age_s=60 * discover["min_age_minutes"],
+        )
+    stacks = merge_stacks(sheet, found)
+    for row in stacks.values():
         validate(row, schema="../schemas/samples.schema.yaml")
-    names = [row["stack"] for row in rows]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"{path}: duplicate stack names {duplicates}")
-    return {row["stack"]: row for row in rows}
+    return stacks
 
 
-SAMPLES = _read_samples(config["samples"])
+SAMPLES = _read_samples()
 MODEL = config["model_name"]
 TRAIN = [s for s, row in SAMPLES.items() if row["role"] == "train"]
 VAL = [s for s, row in SAMPLES.items() if row["role"] == "val"]

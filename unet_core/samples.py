@@ -1,0 +1,159 @@
+"""The batch's stack table: a sample sheet (TSV), and stacks discovered in a raw folder.
+
+Rows are plain dicts with the sample-sheet columns ``stack, path, labels, role, axes,
+subset`` (strings, empty when unset). Stack names end up in output file names and in the
+HTML report, and discovered ones come from whatever a microscope wrote: they are reduced to
+``[A-Za-z0-9_.-]`` and never lead outside the configured folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["read_sample_sheet", "discover_stacks", "merge_stacks", "stack_name"]
+
+COLUMNS = ("stack", "path", "labels", "role", "axes", "subset")
+_TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _row(**values: str) -> dict[str, str]:
+    return {column: (values.get(column) or "").strip() for column in COLUMNS}
+
+
+def read_sample_sheet(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a tab-separated sample sheet (``#`` lines are comments), in file order.
+
+    Raises
+    ------
+    ValueError
+        The sheet is missing, lacks the required columns, or names a stack twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: sample sheet not found (config key 'samples')")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader((line for line in handle if not line.startswith("#")), delimiter="\t")
+        missing = {"stack", "path", "role"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; the sheet is tab-separated with "
+                             f"columns {', '.join(COLUMNS)}")
+        rows = [_row(**{k: v for k, v in row.items() if k in COLUMNS}) for row in reader]
+    _check_unique(rows, str(path))
+    return rows
+
+
+def _check_unique(rows: list[dict[str, str]], where: str) -> None:
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row["stack"]] = seen.get(row["stack"], 0) + 1
+    duplicates = sorted(name for name, count in seen.items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{where}: duplicate stack names {duplicates}")
+
+
+def _strip_suffix(name: str) -> str | None:
+    lower = name.lower()
+    for suffix in _TIFF_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def stack_name(relative: str | Path) -> str:
+    """A safe stack name for a raw file, from its path relative to the raw folder.
+
+    Sub-folders are joined with ``__``, the TIFF suffix is dropped and every run of characters
+    outside ``[A-Za-z0-9_.-]`` becomes ``_``.
+
+    >>> stack_name("2026-11-30/embryo 1.ome.tif")
+    '2026-11-30__embryo_1'
+    """
+    parts = list(Path(relative).parts)
+    parts[-1] = _strip_suffix(parts[-1]) or Path(parts[-1]).stem
+    name = "__".join(_UNSAFE.sub("_", part) for part in parts).strip("._-")
+    return name or "stack"
+
+
+def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
+                    min_age_s: float = 0.0, now: float | None = None) -> list[dict[str, str]]:
+    """``predict`` stacks for the files matching ``pattern`` in ``folder`` (new files = new stacks).
+
+    A file ``X<labels_suffix>.tif`` beside ``X.tif`` is X's ground truth (evaluated, not a
+    stack of its own). Files modified less than ``min_age_s`` seconds ago are still being
+    written by the microscope or a copy job and wait for the next run; files whose real path
+    lies outside ``folder`` (symbolic links) are skipped with a warning. Names that collide
+    after sanitising get a short hash of their relative path appended.
+
+    Raises
+    ------
+    ValueError
+        ``folder`` does not exist or ``pattern`` escapes it.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: raw folder not found (config key 'discover.folder')")
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise ValueError(f"discover.pattern {pattern!r} must be relative to the raw folder, without '..'")
+    real_root = root.resolve()
+    now = time.time() if now is None else now
+    found: dict[str, Path] = {}
+    for path in sorted(root.glob(pattern)):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if not path.resolve().is_relative_to(real_root):
+            print(f"warning: {path} points outside {root}; skipped", file=sys.stderr)
+            continue
+        if now - path.stat().st_mtime < min_age_s:
+            continue
+        found[path.relative_to(root).as_posix()] = path
+    stacks = []
+    for relative, path in found.items():
+        base = _strip_suffix(path.name)
+        if base is not None and base.endswith(labels_suffix) and labels_suffix:
+            partner = relative[: len(relative) - len(path.name)] + base[: -len(labels_suffix)]
+            if any(_strip_suffix(other) == partner for other in found):
+                continue  # ground truth of another stack
+        labels = ""
+        if base is not None:
+            for suffix in _TIFF_SUFFIXES:
+                candidate = path.with_name(base + labels_suffix + suffix)
+                if labels_suffix and candidate.relative_to(root).as_posix() in found:
+                    labels = str(candidate)
+                    break
+        stacks.append(_row(stack=stack_name(relative), path=str(path), labels=labels, role="predict"))
+    return _disambiguate(stacks, root)
+
+
+def _disambiguate(stacks: list[dict[str, str]], root: Path) -> list[dict[str, str]]:
+    names = [row["stack"] for row in stacks]
+    for row in stacks:
+        if names.count(row["stack"]) > 1:
+            relative = Path(row["path"]).relative_to(root).as_posix()
+            row["stack"] += "-" + hashlib.sha1(relative.encode()).hexdigest()[:6]
+    return stacks
+
+
+def merge_stacks(sheet: list[dict[str, str]], discovered: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The batch: sheet rows first, then discovered stacks not already listed (by name or path).
+
+    Raises
+    ------
+    ValueError
+        A discovered file's stack name is taken by a different file in the sheet.
+    """
+    stacks = {row["stack"]: row for row in sheet}
+    listed = {Path(row["path"]).resolve() for row in sheet}
+    for row in discovered:
+        if Path(row["path"]).resolve() in listed:
+            continue
+        if row["stack"] in stacks:
+            raise ValueError(f"discovered stack {row['path']} would be named {row['stack']!r}, which the sample "
+                             f"sheet already uses for {stacks[row['stack']]['path']}; rename one of them")
+        stacks[row["stack"]] = row
+    return stacks
