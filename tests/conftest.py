@@ -1,5 +1,8 @@
 """Shared fixtures: tiny seeded synthetic data and the optional real data in ../shared."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +10,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles", "envs")
+
+
+def run_snakemake(workdir, *args, timeout=900) -> subprocess.CompletedProcess:
+    """``snakemake *args`` in ``workdir`` with this environment's snakemake; output captured."""
+    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_workflow(target: Path) -> Path:
+    """A copy of the workflow (Snakefile, rules, config, profiles) in ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in WORKFLOW_ITEMS:
+        source = REPO / item
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target / item)
+    return target
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +57,18 @@ def demo_tiffs(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("demo")
     write_demo_data(outdir, seed=0)
     return outdir
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One finished demo run of the whole workflow (local profile), shared by the workflow tests.
+
+    Returns ``(workdir, dry_run_output)``, the latter from the dry run before the real one.
+    Tests must not change files in it: copy it (``shutil.copytree(..., symlinks=True)``) first.
+    """
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo_run"))
+    dry = run_snakemake(workdir, "-n")
+    assert dry.returncode == 0, dry.stderr
+    run = run_snakemake(workdir, "--profile", "profiles/local", "--cores", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return workdir, dry.stdout + dry.stderr

@@ -25,6 +25,7 @@ def test_sheet_rows_and_empty_columns(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("stack\tpath\trole\na\tx.tif\ttrain\na\ty.tif\tval\n", "duplicate stack names \\['a'\\]"),
     ("stack\tfile\trole\na\tx.tif\ttrain\n", "missing column\\(s\\) \\['path'\\]"),
+    ("stack\tpath\trole\na\tscan<1>.tif\ttrain\n", "stack 'a': path 'scan<1>.tif' contains"),
 ])
 def test_bad_sheet_is_named(tmp_path, text, message):
     sheet = tmp_path / "samples.tsv"
@@ -49,7 +50,7 @@ def test_stack_names_are_safe(relative, name):
     assert stack_name(relative) == name
 
 
-def test_discovery_pairs_labels_and_waits_for_copies(tmp_path):
+def test_discovery_pairs_labels_and_waits_for_copies(tmp_path, capsys):
     raw = tmp_path / "raw"
     _touch(raw / "b.tif")
     _touch(raw / "a.tif")
@@ -58,10 +59,14 @@ def test_discovery_pairs_labels_and_waits_for_copies(tmp_path):
     _touch(raw / "fresh.tif", mtime=1_000_000.0 + 100)
     _touch(raw / ".hidden.tif")
     _touch(raw / "notes.txt")
+    _touch(raw / "scan {1}.tif")  # Snakemake syntax in the path: skipped with a warning
+    _touch(raw / "scan <2>.tif")
     stacks = discover_stacks(raw, "*.tif", min_age_s=60, now=1_000_000.0 + 120)
     assert [(s["stack"], s["role"]) for s in stacks] == [("a", "predict"), ("b", "predict"),
                                                          ("orphan_labels", "predict")]
     assert stacks[0]["labels"] == str(raw / "a_labels.tif") and stacks[1]["labels"] == ""
+    warnings = capsys.readouterr().err
+    assert "scan {1}.tif" in warnings and "scan <2>.tif" in warnings and "rename the file" in warnings
 
 
 def test_discovery_disambiguates_and_stays_inside(tmp_path):

@@ -2,37 +2,25 @@
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_snakemake
 
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 STAGES = ["demo_data", "ingest", "weight_map", "train", "predict", "segment", "evaluate", "report"]
-
-
-def _snakemake(workdir, *args):
-    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=900)
+_snakemake = run_snakemake
 
 
 @pytest.fixture(scope="module")
-def workdir(repo, tmp_path_factory):
-    work = tmp_path_factory.mktemp("workflow")
-    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        source = repo / item
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, work / item)
-    return work
+def workdir(demo_run):
+    return demo_run[0]
 
 
 @pytest.fixture(scope="module")
-def finished_run(workdir):
-    dry = _snakemake(workdir, "-n")
-    assert dry.returncode == 0, dry.stderr
-    run = _snakemake(workdir, "--profile", "profiles/local", "--cores", "2")
-    assert run.returncode == 0, run.stderr[-4000:]
-    return dry.stdout + dry.stderr
+def finished_run(demo_run):
+    return demo_run[1]
 
 
 @pytest.mark.slow

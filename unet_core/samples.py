@@ -20,6 +20,9 @@ __all__ = ["read_sample_sheet", "discover_stacks", "merge_stacks", "stack_name"]
 COLUMNS = ("stack", "path", "labels", "role", "axes", "subset")
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# Snakemake reads {...} in file paths as wildcards and <...> as path variables: such a path
+# cannot be a job's input (Snakemake 9 then silently drops the job from the DAG).
+_SNAKEMAKE_SYNTAX = re.compile(r"[{}<>]")
 
 
 def _row(**values: str) -> dict[str, str]:
@@ -45,6 +48,11 @@ def read_sample_sheet(path: str | Path) -> list[dict[str, str]]:
                              f"columns {', '.join(COLUMNS)}")
         rows = [_row(**{k: v for k, v in row.items() if k in COLUMNS}) for row in reader]
     _check_unique(rows, str(path))
+    for row in rows:
+        for column in ("path", "labels"):
+            if _SNAKEMAKE_SYNTAX.search(row[column]):
+                raise ValueError(f"{path}: stack {row['stack']!r}: {column} {row[column]!r} contains one of "
+                                 f"{{ }} < >, which Snakemake reads as wildcards or path variables; rename the file")
     return rows
 
 
@@ -110,6 +118,10 @@ def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix
             print(f"warning: {path} points outside {root}; skipped", file=sys.stderr)
             continue
         if now - path.stat().st_mtime < min_age_s:
+            continue
+        if _SNAKEMAKE_SYNTAX.search(str(path)):
+            print(f"warning: {path}: the characters {{ }} < > cannot appear in a Snakemake input path; "
+                  f"rename the file to process it; skipped", file=sys.stderr)
             continue
         found[path.relative_to(root).as_posix()] = path
     stacks = []
