@@ -1,7 +1,15 @@
-"""Self-contained HTML QC report: batch table, overlays, training curves, provenance.
+"""Self-contained HTML QC report of a run: batch table, overlays, training curves, provenance.
 
-Everything that came from files or users (stack names, metadata, config) is escaped by
-Jinja2's autoescape; images are inlined as base64 PNG.
+One function writes the report, :func:`write_report`, whether the run finished or not: each
+stack whose metrics JSON exists is reported in full, the others are listed as failed (with
+the rule that failed and the last exception line of its log) or as not run. The workflow's
+``onerror`` handler calls :func:`report_incomplete_run`, the same function behind a guard
+that never raises, so that a broken report cannot mask the run's own error.
+
+Everything that came from files or users (stack names, TIFF metadata, config, error
+messages) is escaped by Jinja2's autoescape; images are inlined as base64 PNG, so the page
+needs no network and no other file. Stacks are never loaded whole: a few representative
+planes are read, one at a time. Planes are ``(Y, X)`` arrays throughout.
 """
 
 from __future__ import annotations
@@ -9,126 +17,707 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
+import importlib.metadata
 import io as _io
 import json
+import math
 import os
 import platform
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
+from . import io
+from .metrics import flag_outlier_stacks
 
-from . import io  # noqa: E402
+__all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
 
-__all__ = ["write_report", "qc_flags"]
+# Rules that run once per stack, in pipeline order: the first one whose log holds an error
+# is the one that failed. ``train`` runs once per model.
+STACK_RULES = ("ingest", "weight_map", "predict", "segment", "evaluate")
+MODEL_RULE = "train"
 
 _UNCERTAIN_LIMIT = 0.15
+_OUTLIER_Z = 3.5
+_MAX_PLANE_PIXELS = 512  # longest edge of a plane image in the report (strided above that)
+_LOG_TAIL_BYTES = 1 << 18
+_VERSIONED = ("unet-core", "torch", "numpy", "zarr", "dask", "snakemake", "tifffile", "scikit-image",
+              "matplotlib", "jinja2")
+_STATUS_OK, _STATUS_FAILED, _STATUS_NOT_RUN = "ok", "failed", "not run"
+# Columns of the batch table: key, header, section of the metrics JSON, field, format.
+# Every column is judged for outliers against the batch (robust z-score).
+_COLUMNS = (
+    ("objects", "objects / plane", "qc", "mean_objects_per_plane", "{:.1f}"),
+    ("size", "median size (px)", "qc", "object_size_median", "{:.0f}"),
+    ("uncertain", "uncertain fraction", "qc", "uncertain_fraction", "{:.3f}"),
+    ("drift", "intensity drift", "qc", "relative_intensity_drift", "{:+.2f}"),
+    ("iou", "foreground IoU", "metrics", "foreground_iou", "{:.3f}"),
+    ("dice", "foreground Dice", "metrics", "foreground_dice", "{:.3f}"),
+    ("seg", "SEG", "metrics", "seg", "{:.3f}"),
+    ("ap50", "AP@0.5", "metrics", "ap50", "{:.3f}"),
+    ("v_rand", "V_rand", "metrics", "v_rand", "{:.3f}"),
+    ("v_info", "V_info", "metrics", "v_info", "{:.3f}"),
+)
+_TRACEBACK = "Traceback (most recent call last):"
+_SNAKEMAKE_FAILED_LOG = re.compile(r"^\s*log: (.+) \(check log file\(s\) for error details\)\s*$", re.M)
 
 
-def _png(figure) -> str:
+# ----------------------------------------------------------------------------- failures
+def last_exception(text: str) -> str | None:
+    """The exception line (with any continuation lines) of the last Python traceback in ``text``.
+
+    Examples
+    --------
+    >>> log = '''Traceback (most recent call last):
+    ...   File "x.py", line 1, in <module>
+    ...     raise ValueError("raw/b.tif: not a TIFF")
+    ... ValueError: raw/b.tif: not a TIFF'''
+    >>> last_exception(log)
+    'ValueError: raw/b.tif: not a TIFF'
+    >>> last_exception("all fine") is None
+    True
+    """
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().endswith(_TRACEBACK)]
+    if not starts:
+        return None
+    message: list[str] = []
+    for line in lines[starts[-1] + 1:]:
+        if not message:
+            if line.strip() and not line[:1].isspace():
+                message.append(line.rstrip())
+            continue
+        if not line.strip() or line.startswith(("During handling", "The above exception", _TRACEBACK)):
+            break
+        message.append(line.rstrip())
+        if len(message) >= 20:
+            break
+    return "\n".join(message)[:4000] or None
+
+
+def _log_tail(path: Path) -> str:
+    """The last ``_LOG_TAIL_BYTES`` of a log (logs of huge jobs are not read whole)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(handle.tell() - _LOG_TAIL_BYTES, 0))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def _failed_job_logs(snakemake_logs: Sequence[str | Path]) -> set[Path]:
+    """Log files of the jobs that Snakemake reported as failed ("Error in rule ...") in its logs."""
+    failed = set()
+    for path in snakemake_logs or ():
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        for match in _SNAKEMAKE_FAILED_LOG.finditer(text):
+            failed.update(Path(p.strip()).resolve() for p in match.group(1).split(","))
+    return failed
+
+
+def _job_failure(log: Path, output: Path | None, failed_logs: set[Path]) -> str | None:
+    """The error of the job that wrote ``log`` if its last attempt failed, else None.
+
+    A job failed when Snakemake said so, or when its log holds a traceback that is not older
+    than the stack's final output (an older one belongs to an attempt that a later run repaired).
+    """
+    if not log.is_file():
+        return None
+    error = last_exception(_log_tail(log))
+    if log.resolve() in failed_logs:
+        if error:
+            return error
+        lines = [line for line in _log_tail(log).splitlines() if line.strip()]
+        return lines[-1][:4000] if lines else "the job failed and left an empty log"
+    if error is None:
+        return None
+    if output is not None and output.exists() and output.stat().st_mtime > log.stat().st_mtime:
+        return None
+    return error
+
+
+def _stack_status(stack: str, metrics_path: Path, logs_dir: Path | None, failed_logs: set[Path],
+                  model_failed: bool) -> dict:
+    status = {"stack": stack, "status": _STATUS_OK, "rule": None, "error": None, "log": None}
+    if logs_dir is not None:
+        for rule in STACK_RULES:
+            log = logs_dir / rule / f"{stack}.log"
+            error = _job_failure(log, metrics_path, failed_logs)
+            if error is not None:
+                return {**status, "status": _STATUS_FAILED, "rule": rule, "error": error, "log": str(log)}
+    if metrics_path.exists():
+        return status
+    reason = ("the model was not trained (rule train failed)" if model_failed else
+              "no output and no error in its logs: an upstream job failed or the run was interrupted")
+    return {**status, "status": _STATUS_NOT_RUN, "error": reason}
+
+
+def _model_status(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path]) -> dict:
+    model = model_dir / "model.pt"
+    status = {"status": _STATUS_OK, "error": None, "log": None}
+    if logs_dir is not None:
+        log = logs_dir / MODEL_RULE / f"{model_dir.name}.log"
+        error = _job_failure(log, model, failed_logs)
+        if error is not None:
+            return {"status": _STATUS_FAILED, "error": error, "log": str(log)}
+    if not model.exists():
+        return {**status, "status": _STATUS_NOT_RUN, "error": f"{model} does not exist"}
+    return status
+
+
+# ----------------------------------------------------------------------------- QC flags
+def _value(result: dict, section: str, field: str) -> float | None:
+    value = (result.get(section) or {}).get(field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _outlier_scores(results: list[dict]) -> list[dict[str, float]]:
+    """Robust z-score of every batch-table column per stack (0 where the batch is too small)."""
+    summaries = {}
+    for i, result in enumerate(results):
+        values = {key: _value(result, section, field) for key, _, section, field, _ in _COLUMNS}
+        summaries[str(i)] = {key: value for key, value in values.items() if value is not None}
+    judged = flag_outlier_stacks(summaries, threshold=_OUTLIER_Z)
+    return [judged[str(i)]["z_scores"] for i in range(len(results))]
+
+
+def qc_flags(results: list[dict]) -> list[list[str]]:
+    """QC flags per stack: many uncertain pixels, no objects, outliers against the batch.
+
+    ``results`` are the per-stack metrics JSONs of :func:`unet_core.evaluate.evaluate_stack`.
+    A value is an outlier when its modified z-score against the batch exceeds 3.5 (see
+    :func:`unet_core.metrics.flag_outlier_stacks`; batches of fewer than 4 stacks are not judged).
+    """
+    headers = {key: header for key, header, *_ in _COLUMNS}
+    flags = []
+    for result, scores in zip(results, _outlier_scores(results)):
+        stack_flags = []
+        uncertain = _value(result, "qc", "uncertain_fraction")
+        if uncertain is not None and uncertain > _UNCERTAIN_LIMIT:
+            stack_flags.append(f"uncertain pixels {uncertain:.0%}")
+        if _value(result, "qc", "mean_objects_per_plane") == 0:
+            stack_flags.append("no objects found")
+        for key, score in scores.items():
+            if abs(score) > _OUTLIER_Z:
+                stack_flags.append(f"{headers[key]} outlier in batch (robust z {score:+.1f})")
+        flags.append(stack_flags)
+    return flags
+
+
+# ----------------------------------------------------------------------------- images
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_png(figure) -> str:
+    plt = _pyplot()
     buffer = _io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _stack_figure(image_path: Path, segmentation_path: Path, metrics: dict) -> str:
+def _array_png(array: np.ndarray, **kwargs) -> str:
+    from matplotlib.image import imsave
+
+    buffer = _io.BytesIO()
+    imsave(buffer, array, format="png", **kwargs)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _representative_planes(counts: Sequence[int], n_planes: int) -> list[tuple[int, str]]:
+    """Up to three plane indices: most objects, the middle plane, fewest objects."""
+    if n_planes <= 1:
+        return [(0, "the only plane")]
+    picks: dict[int, list[str]] = {}
+    if len(counts) == n_planes:
+        picks.setdefault(int(np.argmax(counts)), []).append(f"most objects ({max(counts)})")
+    picks.setdefault(n_planes // 2, []).append("middle plane")
+    if len(counts) == n_planes:
+        picks.setdefault(int(np.argmin(counts)), []).append(f"fewest objects ({min(counts)})")
+    return [(index, ", ".join(reasons)) for index, reasons in sorted(picks.items())]
+
+
+def _plane_images(image_path: Path, segmentation_path: Path, counts: Sequence[int]) -> list[dict]:
+    """Raw and predicted-boundary overlay of a few representative planes, one plane read at a time."""
+    from skimage.segmentation import find_boundaries
+
     image = io.open_image(image_path)
     labels = io.open_image(segmentation_path)
     loop_axes = [a for a in labels.axes if a not in "yx"]
-    where = {a: labels.shape[labels.axes.index(a)] // 2 for a in loop_axes}
-    raw = image.read({**where, **({"c": 0} if "c" in image.axes else {})}, order=("y", "x")).astype(np.float32)
-    seg = labels.read(where, order=("y", "x"))
-    low, high = np.percentile(raw, [1, 99.5])
-    raw = np.clip((raw - low) / max(high - low, 1e-6), 0, 1)
-    overlay = np.stack([raw] * 3, axis=-1)
-    overlay[find_boundaries(seg, mode="inner")] = (1.0, 0.2, 0.1)
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    axes[0].imshow(raw, cmap="gray")
-    axes[0].set_title(f"raw ({', '.join(f'{a}={i}' for a, i in where.items())})")
-    axes[1].imshow(overlay)
-    axes[1].set_title("predicted cell boundaries")
-    histogram = metrics["qc"]["probability_histogram"]
-    axes[2].bar(np.linspace(0.025, 0.975, len(histogram)), histogram, width=0.05, color="#4a7ab5")
-    axes[2].set_yscale("log")
-    axes[2].set_xlabel("foreground probability")
-    axes[2].set_title("probability histogram")
-    for ax in axes[:2]:
-        ax.axis("off")
-    return _png(figure)
+    loop_shape = [labels.shape[labels.axes.index(a)] for a in loop_axes]
+    planes = []
+    for index, reason in _representative_planes(counts, int(np.prod(loop_shape)) if loop_shape else 1):
+        where = {a: int(i) for a, i in zip(loop_axes, np.unravel_index(index, loop_shape))} if loop_axes else {}
+        raw = image.read({**where, **({"c": 0} if "c" in image.axes else {})}, order=("y", "x"))
+        segmentation = labels.read(where, order=("y", "x"))
+        step = max(1, math.ceil(max(raw.shape) / _MAX_PLANE_PIXELS))
+        raw = raw[::step, ::step].astype(np.float32)
+        segmentation = segmentation[::step, ::step]
+        low, high = np.percentile(raw, [1, 99.5])
+        raw = np.clip((raw - low) / max(high - low, 1e-6), 0, 1)
+        overlay = np.repeat(raw[..., None], 3, axis=-1)
+        overlay[find_boundaries(segmentation, mode="inner")] = (1.0, 0.2, 0.1)
+        position = ", ".join(f"{a}={i}" for a, i in where.items()) or "2D image"
+        planes.append({
+            "position": position, "reason": reason, "objects": int(counts[index]) if index < len(counts) else None,
+            "channel": "channel 0" if "c" in image.axes else None, "step": step,
+            "raw": _array_png(raw, cmap="gray", vmin=0.0, vmax=1.0), "overlay": _array_png(overlay),
+        })
+    return planes
+
+
+def _histogram_figure(result: dict) -> str:
+    """Probability histogram, object size histogram, and per-plane objects and intensity."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+
+    qc = result["qc"]
+    per_plane = len(qc.get("objects_per_plane", [])) > 1
+    figure, axes = plt.subplots(1, 3 if per_plane else 2, figsize=(13 if per_plane else 9, 2.8))
+    histogram = np.asarray(qc.get("probability_histogram", []), float)
+    if histogram.size:
+        edges = np.linspace(0, 1, histogram.size + 1)
+        axes[0].bar(edges[:-1], np.maximum(histogram, 0.5), width=np.diff(edges), align="edge", color="#4a7ab5")
+        axes[0].set_yscale("log")
+    axes[0].set_xlabel("foreground probability")
+    axes[0].set_ylabel("pixels")
+    axes[0].set_title("probability histogram")
+    sizes = np.asarray(qc.get("object_sizes", []), float)
+    sizes = sizes[sizes > 0]
+    if sizes.size and sizes.max() > 10 * sizes.min():
+        axes[1].hist(sizes, bins=np.geomspace(sizes.min(), sizes.max(), 30), color="#5a9e6f")
+        axes[1].set_xscale("log")
+        axes[1].xaxis.set_minor_formatter(NullFormatter())
+    elif sizes.size:
+        axes[1].hist(sizes, bins=30 if sizes.max() > sizes.min() else 1, color="#5a9e6f")
+    else:
+        axes[1].text(0.5, 0.5, "no objects", ha="center", va="center", transform=axes[1].transAxes)
+    axes[1].set_xlabel("object size (px)")
+    axes[1].set_ylabel("objects")
+    axes[1].set_title("object sizes")
+    if per_plane:
+        counts = qc["objects_per_plane"]
+        axes[2].plot(range(len(counts)), counts, "o-", color="#b35900", label="objects")
+        axes[2].set_xlabel("plane")
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[2].set_ylabel("objects", color="#b35900")
+        intensity = qc.get("mean_intensity_per_plane") or []
+        if len(intensity) == len(counts):
+            twin = axes[2].twinx()
+            twin.plot(range(len(intensity)), intensity, "s--", color="#555555", markersize=3)
+            twin.set_ylabel("mean intensity", color="#555555")
+        axes[2].set_title("per plane")
+    figure.tight_layout()
+    return _figure_png(figure)
 
 
 def _training_figure(log_path: Path) -> str | None:
     if not log_path.exists():
         return None
-    with open(log_path) as handle:
+    with open(log_path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows:
         return None
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.2))
     steps = [int(r["step"]) for r in rows]
     axes[0].plot(steps, [float(r["loss"]) for r in rows], label="training loss")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
     if val:
         axes[0].plot(*zip(*val), "o-", label="validation loss")
-        axes[1].plot(*zip(*[(int(r["step"]), float(r["val_iou"])) for r in rows if r.get("val_iou")]), "o-")
+    iou = [(int(r["step"]), float(r["val_iou"])) for r in rows if r.get("val_iou")]
+    if iou:
+        axes[1].plot(*zip(*iou), "o-", color="#5a9e6f")
         axes[1].set_ylabel("validation foreground IoU")
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("step")
+    else:
+        axes[1].text(0.5, 0.5, "no validation stacks", ha="center", va="center", transform=axes[1].transAxes)
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("weighted cross-entropy")
     axes[0].legend()
-    return _png(figure)
+    figure.tight_layout()
+    return _figure_png(figure)
 
 
-def qc_flags(results: list[dict]) -> list[list[str]]:
-    """QC flags per stack: many uncertain pixels, no objects, object count outlier in the batch."""
-    counts = np.array([r["qc"]["mean_objects_per_plane"] for r in results], float)
-    median = np.median(counts) if len(counts) else 0.0
-    mad = np.median(np.abs(counts - median)) if len(counts) else 0.0
-    flags = []
-    for result, count in zip(results, counts):
-        stack_flags = []
-        if result["qc"]["uncertain_fraction"] > _UNCERTAIN_LIMIT:
-            stack_flags.append(f"uncertain pixels {result['qc']['uncertain_fraction']:.0%}")
-        if count == 0:
-            stack_flags.append("no objects found")
-        elif len(counts) >= 3 and mad > 0 and abs(count - median) / (1.4826 * mad) > 3.5:
-            stack_flags.append("object count outlier in batch")
-        flags.append(stack_flags)
-    return flags
+# ----------------------------------------------------------------------------- provenance
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in _VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
-def write_report(*, metrics: list[str | Path], images: list[str | Path], segmentations: list[str | Path],
-                 model_dir: str | Path, output_path: str | Path, config: dict | None = None,
-                 title: str = "unet-pipeline") -> Path:
-    """Render the HTML QC report for all evaluated stacks (lists are aligned per stack)."""
-    results = [json.loads(Path(p).read_text()) for p in metrics]
-    for result, flags, image, segmentation in zip(results, qc_flags(results), images, segmentations):
-        result["flags"] = flags
-        result["figure"] = _stack_figure(Path(image), Path(segmentation), result)
-    model_dir = Path(model_dir)
-    card_path = model_dir / "model_card.json"
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    held_out = [r["metrics"]["foreground_iou"] for r in results if r.get("metrics") and r["role"] != "train"]
-    provenance = {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "config": config or {}, "commit": os.environ.get("UNET_PIPELINE_COMMIT", "unknown"),
+def _git(source_dir: Path, *args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(source_dir), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _commit(source_dir: Path | None) -> str:
+    """``git rev-parse HEAD`` of the workflow's source, marked when it has uncommitted changes."""
+    commit = _git(source_dir, "rev-parse", "HEAD") if source_dir is not None else None
+    if not commit:
+        return os.environ.get("UNET_PIPELINE_COMMIT", "unknown")
+    if _git(source_dir, "status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    return commit
+
+
+def _number(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _runtimes(benchmarks_dir: Path | None) -> tuple[list[dict], list[dict]]:
+    """Per-rule summary and per-job rows of Snakemake's ``benchmarks/<rule>/<job>.tsv`` files."""
+    if benchmarks_dir is None or not benchmarks_dir.is_dir():
+        return [], []
+    jobs = []
+    for path in sorted(benchmarks_dir.glob("*/*.tsv")):
+        try:
+            with open(path, newline="") as handle:
+                records = list(csv.DictReader(handle, delimiter="\t"))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            continue
+        seconds = [s for s in (_number(r.get("s")) for r in records) if s is not None]
+        rss = [m for m in (_number(r.get("max_rss")) for r in records) if m is not None]
+        cpu = [c for c in (_number(r.get("cpu_time")) for r in records) if c is not None]
+        if not seconds:
+            continue
+        jobs.append({"rule": path.parent.name, "job": path.stem, "seconds": float(np.mean(seconds)),
+                     "hms": records[-1].get("h:m:s", ""), "max_rss_mb": max(rss) if rss else None,
+                     "cpu_seconds": float(np.mean(cpu)) if cpu else None, "modified": path.stat().st_mtime})
+    summary = []
+    for rule in sorted({j["rule"] for j in jobs}):
+        mine = [j for j in jobs if j["rule"] == rule]
+        seconds = [j["seconds"] for j in mine]
+        rss = [j["max_rss_mb"] for j in mine if j["max_rss_mb"] is not None]
+        summary.append({"rule": rule, "jobs": len(mine), "total": sum(seconds), "median": float(np.median(seconds)),
+                        "max": max(seconds), "max_rss_mb": max(rss) if rss else None})
+    return summary, jobs
+
+
+# ----------------------------------------------------------------------------- assembly
+def _cell(value: float | None, fmt: str, z: float | None = None) -> dict:
+    outlier = z is not None and abs(z) > _OUTLIER_Z
+    return {"text": fmt.format(value) if value is not None else "–", "sort": "" if value is None else repr(value),
+            "outlier": outlier, "title": f"outlier: robust z = {z:+.1f} against the batch" if outlier else None}
+
+
+def _source_metadata(image_path: Path) -> dict:
+    """What ingest recorded about the raw stack: source, checksum, TIFF metadata, pixel sizes."""
+    image = io.open_image(image_path)
+    provenance = image.attrs.get("unet_core", {}).get("provenance", {})
+    rows = {"axes / shape": f"{image.axes} {list(image.shape)}", "dtype": str(image.array.dtype),
+            "pixel size": ", ".join(f"{a}={s:g}" for a, s in image.scale.items()) or "–"}
+    for key in ("source", "size_bytes", "sha256"):
+        if key in provenance:
+            rows[key] = str(provenance[key])
+    if "tiff" in provenance:
+        rows["TIFF metadata"] = json.dumps(provenance["tiff"], indent=1, default=str)
+    if provenance.get("warnings"):
+        rows["reader warnings"] = "\n".join(map(str, provenance["warnings"]))
+    return rows
+
+
+def _scalars(mapping: dict | None) -> dict[str, str]:
+    out = {}
+    for key, value in (mapping or {}).items():
+        if isinstance(value, bool) or isinstance(value, str):
+            out[key] = str(value)
+        elif isinstance(value, (int, float)):
+            out[key] = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return out
+
+
+def _stack_entry(status: dict, image: Path, segmentation: Path) -> dict:
+    entry = {**status, "display": status["stack"], "role": None}
+    if status["status"] != _STATUS_OK:
+        return entry
+    result = entry["result"]
+    entry["display"] = str(result.get("stack") or status["stack"])
+    entry["role"] = str(result.get("role") or "") or None
+    qc = result.get("qc", {})
+    entry["qc_table"] = {
+        "planes": str(len(qc.get("objects_per_plane", [])) or 1),
+        **_scalars({k: qc[k] for k in ("mean_objects_per_plane", "object_size_median", "uncertain_fraction",
+                                       "relative_intensity_drift") if k in qc}),
     }
+    entry["metrics_table"] = _scalars(result.get("metrics"))
+    entry["problems"] = []
+    try:
+        entry["planes"] = _plane_images(image, segmentation, qc.get("objects_per_plane", []))
+    except Exception as error:  # noqa: BLE001 - one unreadable output must not lose the report
+        entry["planes"] = []
+        entry["problems"].append(f"overlays not drawn: {type(error).__name__}: {error}")
+    try:
+        entry["histograms"] = _histogram_figure(result)
+    except Exception as error:  # noqa: BLE001
+        entry["histograms"] = None
+        entry["problems"].append(f"histograms not drawn: {type(error).__name__}: {error}")
+    try:
+        entry["source"] = _source_metadata(image)
+    except Exception as error:  # noqa: BLE001
+        entry["source"] = {}
+        entry["problems"].append(f"source metadata not read: {type(error).__name__}: {error}")
+    return entry
+
+
+def _read_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    if not isinstance(result, dict) or not isinstance(result.get("qc"), dict):
+        raise ValueError(f"{path}: not a metrics JSON of unet_core.evaluate (no 'qc' section)")
+    return result
+
+
+def _rounded(value):
+    """``value`` with its floats at 4 significant digits, for display."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _model_section(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path]) -> dict:
+    section = {"name": model_dir.name, **_model_status(model_dir, logs_dir, failed_logs)}
+    card_path = model_dir / "model_card.json"
+    card = {}
+    if card_path.exists():
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError) as error:
+            section["card_error"] = f"{card_path}: {error}"
+    summary = {}
+    for key in ("parameters", "device", "training_seconds", "normalization", "exported"):
+        if key in card:
+            summary[key] = str(card[key])
+    for key in ("architecture", "final_metrics"):
+        if key in card:
+            summary[key] = json.dumps(_rounded(card[key]), default=str)
+    for key in ("training_data", "validation_data"):
+        if key in card:
+            summary[key] = ", ".join(str(d.get("stack", d)) if isinstance(d, dict) else str(d) for d in card[key])
+    section["card_summary"] = summary
+    section["card"] = json.dumps(card, indent=2, default=str) if card else None
+    try:
+        section["training_plot"] = _training_figure(model_dir / "training_log.tsv")
+    except (OSError, ValueError, KeyError) as error:
+        section["training_plot"] = None
+        section["card_error"] = f"training log not plotted: {error}"
+    return section
+
+
+def _render(context: dict) -> str:
     environment = Environment(loader=PackageLoader("unet_core", "templates"),
                               autoescape=select_autoescape(["html", "j2"]))
-    html = environment.get_template("report.html.j2").render(
-        title=title, generated=datetime.datetime.now().isoformat(timespec="seconds"), stacks=results,
-        model_name=model_dir.name, training_plot=_training_figure(model_dir / "training_log.tsv"),
-        model_card=json.dumps(card, indent=2), mean_iou=float(np.mean(held_out)) if held_out else None,
-        provenance=json.dumps(provenance, indent=2, default=str),
-    )
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_name(f".{output_path.name}.partial-{os.getpid()}")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, output_path)
+    return environment.get_template("report.html.j2").render(**context)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
+                 segmentations: Sequence[str | Path], model_dir: str | Path, output_path: str | Path,
+                 config: dict | None = None, title: str = "unet-pipeline", summary_path: str | Path | None = None,
+                 logs_dir: str | Path | None = None, benchmarks_dir: str | Path | None = None,
+                 source_dir: str | Path | None = None, snakemake_logs: Sequence[str | Path] = (),
+                 incomplete: bool = False) -> Path:
+    """Render the HTML QC report of a run from the outputs that exist.
+
+    Parameters
+    ----------
+    metrics, images, segmentations : sequence of path
+        Per stack (aligned): the metrics JSON ``<stack>.json`` of ``evaluate``, the ingested
+        OME-Zarr image and the segmentation OME-Zarr. A stack whose metrics JSON is missing is
+        listed as failed (or not run) instead of being reported.
+    model_dir : path
+        ``results/models/<model>/``: model card, training log, ``model.pt``.
+    output_path : path
+        The HTML file, written atomically (temporary file, then rename).
+    config : dict, optional
+        The run's configuration, shown under provenance.
+    title : str
+        Name of the run in the page title.
+    summary_path : path, optional
+        Also write a machine-readable JSON summary here: whether the run is complete, and per
+        stack its status, QC flags and metrics (or the failed rule, error and log).
+    logs_dir : path, optional
+        The workflow's ``logs/`` folder: ``<logs_dir>/<rule>/<stack>.log`` of the rules in
+        :data:`STACK_RULES` (and ``train/<model>.log``) are searched for the error of a failed
+        job. None: no log is read.
+    benchmarks_dir : path, optional
+        The workflow's ``benchmarks/`` folder: ``<rule>/*.tsv`` give the per-rule runtimes.
+    source_dir : path, optional
+        The workflow's source folder, whose git commit is recorded ("unknown" without git).
+    snakemake_logs : sequence of path
+        Snakemake's own logs of this run: jobs it reports as failed count as failed even
+        when their log holds no traceback (e.g. a job killed for memory).
+    incomplete : bool
+        The run stopped with errors (the ``onerror`` handler): the report says so at the top.
+
+    Returns
+    -------
+    Path
+        ``output_path``.
+    """
+    if not len(metrics) == len(images) == len(segmentations):
+        raise ValueError(f"metrics, images and segmentations must be aligned per stack, got "
+                         f"{len(metrics)}, {len(images)} and {len(segmentations)} paths")
+    model_dir, output_path = Path(model_dir), Path(output_path)
+    logs_dir = Path(logs_dir) if logs_dir is not None else None
+    failed_logs = _failed_job_logs(snakemake_logs)
+    model = _model_section(model_dir, logs_dir, failed_logs)
+
+    statuses = []
+    for metrics_path in map(Path, metrics):
+        stack = metrics_path.name.removesuffix(".json")
+        status = _stack_status(stack, metrics_path, logs_dir, failed_logs, model["status"] != _STATUS_OK)
+        if status["status"] == _STATUS_OK:
+            try:
+                status["result"] = _read_result(metrics_path)
+            except (OSError, ValueError) as error:
+                status = {**status, "status": _STATUS_FAILED, "rule": "evaluate",
+                          "error": f"{type(error).__name__}: {error}", "log": str(metrics_path)}
+        statuses.append(status)
+
+    ok = [s for s in statuses if s["status"] == _STATUS_OK]
+    results = [s["result"] for s in ok]
+    for status, flags, scores in zip(ok, qc_flags(results), _outlier_scores(results)):
+        status["flags"], status["z"] = flags, scores
+    entries = [_stack_entry(s, Path(i), Path(g)) for s, i, g in zip(statuses, images, segmentations)]
+
+    present = [c for c in _COLUMNS if any(_value(r, c[2], c[3]) is not None for r in results)]
+    rows = []
+    for number, entry in enumerate(entries, start=1):
+        row = {"number": number, "entry": entry, "cells": []}
+        for key, _header, section, field, fmt in present:
+            result = entry.get("result", {})
+            row["cells"].append(_cell(_value(result, section, field), fmt, entry.get("z", {}).get(key)))
+        rows.append(row)
+    held_out = [r["metrics"]["foreground_iou"] for r in results
+                if _value(r, "metrics", "foreground_iou") is not None and r.get("role") != "train"]
+    runtime_summary, runtime_jobs = _runtimes(Path(benchmarks_dir) if benchmarks_dir is not None else None)
+    counts = {state: sum(e["status"] == state for e in entries) for state in (_STATUS_OK, _STATUS_FAILED,
+                                                                             _STATUS_NOT_RUN)}
+    html = _render({
+        "title": title, "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "incomplete": incomplete or counts[_STATUS_OK] < len(entries) or model["status"] != _STATUS_OK,
+        "stopped_with_errors": incomplete, "counts": counts, "n_stacks": len(entries),
+        "columns": [c[1] for c in present], "rows": rows, "entries": entries,
+        "failures": [e for e in entries if e["status"] != _STATUS_OK], "model": model,
+        "mean_iou": float(np.mean(held_out)) if held_out else None,
+        "versions": _versions(), "commit": _commit(Path(source_dir) if source_dir is not None else None),
+        "host": platform.node(), "platform": platform.platform(), "source_dir": str(source_dir or "–"),
+        "snakemake_logs": [str(p) for p in snakemake_logs or ()],
+        "config": json.dumps(config or {}, indent=2, default=str),
+        "runtime_summary": runtime_summary, "runtime_jobs": runtime_jobs,
+    })
+    if summary_path is not None:
+        _atomic_write(Path(summary_path), json.dumps(_summary(entries, model, counts, incomplete), indent=2,
+                                                     default=str))
+    _atomic_write(output_path, html)
     return output_path
+
+
+def _summary(entries: list[dict], model: dict, counts: dict, stopped_with_errors: bool) -> dict:
+    stacks = []
+    for entry in entries:
+        item = {"stack": entry["stack"], "status": entry["status"]}
+        if entry["status"] == _STATUS_OK:
+            item.update(flags=entry.get("flags", []), metrics=entry["result"].get("metrics"))
+        else:
+            item.update(rule=entry["rule"], error=entry["error"], log=entry["log"])
+        stacks.append(item)
+    complete = not stopped_with_errors and counts[_STATUS_OK] == len(entries) and model["status"] == _STATUS_OK
+    return {"complete": complete, "stopped_with_errors": stopped_with_errors,
+            "counts": counts, "model": {k: model[k] for k in ("name", "status", "error", "log")}, "stacks": stacks}
+
+
+def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
+                          segmentations: Sequence[str | Path], model_dir: str | Path, output_path: str | Path,
+                          record_path: str | Path, config: dict | None = None,
+                          summary_path: str | Path | None = None, logs_dir: str | Path = "logs",
+                          benchmarks_dir: str | Path | None = "benchmarks", source_dir: str | Path | None = None,
+                          snakemake_logs: Sequence[str | Path] = ()) -> Path | None:
+    """:func:`write_report` for a run that stopped with errors; never raises.
+
+    For the workflow's ``onerror`` handler: stacks whose metrics exist are reported, the others
+    are listed with the rule that failed and its error, and the page says the run is incomplete.
+    Then a line (time, failed stacks, Snakemake's log) is appended to ``record_path``, which the
+    report rule takes as an input once it exists: the new line makes Snakemake write the
+    report again on the next run, even when the failed stacks are then removed from the batch
+    and every other input is unchanged.
+
+    Any problem is printed to stderr and to ``<logs_dir>/report/onerror.log`` and None is
+    returned, so that the run's own error stays the one Snakemake reports.
+    """
+    written = None
+    try:
+        written = write_report(metrics=metrics, images=images, segmentations=segmentations, model_dir=model_dir,
+                               output_path=output_path, config=config, summary_path=summary_path,
+                               logs_dir=logs_dir, benchmarks_dir=benchmarks_dir, source_dir=source_dir,
+                               snakemake_logs=snakemake_logs, incomplete=True)
+    except Exception:  # noqa: BLE001 - a broken report must not mask the original error
+        _report_problem(logs_dir, "the report of the incomplete run was not written")
+    try:
+        _append_record(Path(record_path), metrics, snakemake_logs, written)
+    except Exception:  # noqa: BLE001
+        _report_problem(logs_dir, f"{record_path} was not updated")
+    return written
+
+
+def _append_record(path: Path, metrics: Sequence[str | Path], snakemake_logs: Sequence[str | Path],
+                   written: Path | None) -> None:
+    """One line per run that stopped with errors: when, which stacks have no metrics, the logs."""
+    missing = [Path(m).name.removesuffix(".json") for m in metrics if not Path(m).exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a") as handle:
+        if new:
+            handle.write("time\tstacks_without_metrics\treport_written\tsnakemake_log\n")
+        when = datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
+        fields = [when, ",".join(missing) or "-", "yes" if written else "no",
+                  ",".join(map(str, snakemake_logs or ())) or "-"]
+        handle.write("\t".join(field.replace("\t", " ").replace("\n", " ") for field in fields) + "\n")
+
+
+def _report_problem(logs_dir: str | Path, what: str) -> None:
+    message = f"unet_core.report: {what}:\n{traceback.format_exc()}"
+    print(message, file=sys.stderr)
+    try:
+        log = Path(logs_dir) / "report" / "onerror.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as handle:
+            handle.write(message)
+    except Exception:  # noqa: BLE001
+        pass

@@ -4,7 +4,12 @@ rule evaluate:
         probabilities=rules.predict.output.probabilities,
         labels=rules.segment.output.labels,
     output:
-        metrics="results/metrics/{stack}.json",
+        metrics=report(
+            "results/metrics/{stack}.json",
+            caption="../report/metrics.rst",
+            category="Metrics",
+            labels={"stack": "{stack}"},
+        ),
     log:
         "logs/evaluate/{stack}.log",
     conda:

@@ -10,7 +10,8 @@ rule predict:
         "benchmarks/predict/{stack}.tsv"
     conda:
         "../../envs/unet.yaml"
-    threads: workflow.cores
+    # As many cores as the run or the SLURM job grants (Snakemake caps threads at --cores).
+    threads: 64
     resources:
         gpu=1,
     params:

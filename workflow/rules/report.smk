@@ -1,3 +1,14 @@
+from pathlib import Path
+
+from unet_core.report import report_incomplete_run
+
+# One line per run that stopped with errors, appended by the onerror handler below. Once it
+# exists it is an input of the report: a new line makes the next run write the report again.
+INCOMPLETE_RUNS = "results/report/incomplete_runs.tsv"
+
+
+# The HTML QC report of the run. The same function writes it from the onerror handler below
+# when the run stopped with errors (--keep-going: the other stacks still finish).
 rule report:
     input:
         metrics=expand(rules.evaluate.output.metrics, stack=PREDICT),
@@ -6,11 +17,19 @@ rule report:
         model=expand(rules.train.output.model, model=MODEL),
         card=expand(rules.train.output.card, model=MODEL),
         training_log=expand(rules.train.output.log, model=MODEL),
+        incomplete_runs=[INCOMPLETE_RUNS] if Path(INCOMPLETE_RUNS).exists() else [],
     output:
         html=report(
             "results/report/index.html",
             caption="../report/qc_report.rst",
             category="QC report",
+            labels={"file": "HTML QC report"},
+        ),
+        summary=report(
+            "results/report/summary.json",
+            caption="../report/summary.rst",
+            category="QC report",
+            labels={"file": "batch summary (JSON)"},
         ),
     log:
         "logs/report/report.log",
@@ -18,5 +37,26 @@ rule report:
         "../../envs/unet.yaml"
     params:
         config=config,
+        logs_dir="logs",
+        benchmarks_dir="benchmarks",
     script:
         "../scripts/report.py"
+
+
+# A failed job (with --keep-going, after all others finished): write the report from what
+# exists, the failed stacks listed with their errors. Never raises (see report_incomplete_run).
+onerror:
+    report_incomplete_run(
+        metrics=rules.report.input.metrics,
+        images=rules.report.input.images,
+        segmentations=rules.report.input.labels,
+        model_dir=Path(rules.report.input.model[0]).parent,
+        output_path=rules.report.output.html,
+        summary_path=rules.report.output.summary,
+        record_path=INCOMPLETE_RUNS,
+        config=config,
+        logs_dir=rules.report.params.logs_dir,
+        benchmarks_dir=rules.report.params.benchmarks_dir,
+        source_dir=workflow.basedir,
+        snakemake_logs=log,
+    )

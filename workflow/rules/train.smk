@@ -6,15 +6,26 @@ rule train:
         val_weights=weights_of(VAL),
     output:
         model="results/models/{model}/model.pt",
-        card="results/models/{model}/model_card.json",
-        log="results/models/{model}/training_log.tsv",
+        card=report(
+            "results/models/{model}/model_card.json",
+            caption="../report/model_card.rst",
+            category="Model",
+            labels={"model": "{model}", "file": "model card"},
+        ),
+        log=report(
+            "results/models/{model}/training_log.tsv",
+            caption="../report/training_log.rst",
+            category="Model",
+            labels={"model": "{model}", "file": "training log"},
+        ),
     log:
         "logs/train/{model}.log",
     benchmark:
         "benchmarks/train/{model}.tsv"
     conda:
         "../../envs/unet.yaml"
-    threads: workflow.cores
+    # As many cores as the run or the SLURM job grants (Snakemake caps threads at --cores).
+    threads: 64
     resources:
         gpu=1,
     params:

@@ -1,4 +1,4 @@
-"""Rule report: the self-contained HTML QC report of the run."""
+"""Rule report: the self-contained HTML QC report of the run (and its JSON summary)."""
 
 from pathlib import Path
 
@@ -15,7 +15,11 @@ def main(snakemake):
             segmentations=list(snakemake.input.labels),
             model_dir=Path(snakemake.input.model[0]).parent,
             output_path=snakemake.output.html,
+            summary_path=snakemake.output.summary,
             config=dict(snakemake.params.config),
+            logs_dir=snakemake.params.logs_dir,
+            benchmarks_dir=snakemake.params.benchmarks_dir,
+            source_dir=Path(snakemake.scriptdir).parents[1],
         )
 
 
