@@ -1,9 +1,12 @@
 """Benchmark: does augmentation starve the model? Training step time with the full pipeline
-(random mirrored tiles, elastic deformation + rotation, flips, gray values, in data-loader
-workers) against the step time on pre-augmented tiles held in memory, same model, same tile,
-same run. Prints the ratio (goal <= 1.10) and steps/s for the CPU demo model and the paper model.
+(random mirrored tiles, elastic deformation + rotation, flips, gray values) against the step
+time on pre-augmented tiles held in memory, same model, same tile, same run. Prints the ratio
+(goal <= 1.10) and steps/s for the ISBI cpu-preset model, the CPU demo model and the paper model.
 
-Usage: python bench/train.py [--steps 40] [--workers 1] [--paper-steps 2]
+--workers 0 (the default, as in training on a CPU) augments each batch in the training process
+with a thread pool; --workers N uses N data-loader processes (as on a GPU node).
+
+Usage: python bench/train.py [--steps 30] [--workers 0] [--paper-steps 2]
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def measure(name, settings, stacks, steps, workers, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--workers", type=int, default=1, help="data-loader worker processes")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="data-loader worker processes (0: thread pool in the training process)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paper-steps", type=int, default=2, help="steps for the 31M-parameter paper model")
     args = parser.parse_args()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 __all__ = ["elastic_field", "deform", "random_flip_rotate", "gray_value", "augment_sample"]
@@ -73,8 +74,32 @@ def deform(array: np.ndarray, field: np.ndarray, *, order: int, angle: float = 0
     ``R`` rotates by ``angle`` (radians) in the plane of the last two axes about the centre c.
     With ``crop`` (a tuple of slices) only that part of the output is computed.
     """
-    coords = _coordinates(array.shape, field, angle, crop)
+    return _resample(array, _coordinates(array.shape, field, angle, crop), order)
+
+
+def _resample(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+    """``array`` at ``coords`` (``(ndim, *out)``), mirrored at the edges; order 0, 1 or 3."""
+    if order == 3 and array.ndim == 2:
+        return _bicubic(array, coords)
     return ndimage.map_coordinates(array, coords, order=order, mode="mirror", prefilter=order > 1)
+
+
+def _bicubic(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Bicubic convolution (Keys, a = -0.75) of a 2D image, mirrored about the edge pixels.
+
+    torch's ``grid_sample`` instead of ``ndimage.map_coordinates(order=3)``: 1.6 ms against
+    17 ms for a 348^2 tile here (the spline prefilter plus 16 taps per pixel in scipy), which
+    is what keeps the full augmentation below 10 % of a CPU training step (bench/train.py).
+    Both kernels interpolate (samples at integer positions are returned unchanged); there is
+    no tricubic ``grid_sample``, so 3D keeps the cubic spline.
+    """
+    height, width = image.shape
+    grid = np.stack([coords[1] * (2.0 / max(width - 1, 1)) - 1.0,
+                     coords[0] * (2.0 / max(height - 1, 1)) - 1.0], axis=-1).astype(np.float32)
+    out = torch.nn.functional.grid_sample(
+        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None], torch.from_numpy(grid)[None],
+        mode="bicubic", padding_mode="reflection", align_corners=True)
+    return out[0, 0].numpy()
 
 
 def random_flip_rotate(arrays: list[np.ndarray], spatial_ndim: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -107,6 +132,8 @@ def augment_sample(image: np.ndarray, target: np.ndarray, weight: np.ndarray, *,
                    crop: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Augment one training tile: image cubic, target nearest (ids never mixed), weight linear.
 
+    The image is resampled by bicubic convolution in 2D and by a cubic spline in 3D.
+
     Elastic deformation and a random rotation (uniform angle, last two axes) are combined into
     one resampling; then a random flip/90-degree rotation and a gray-value change. A shift is
     the random tile position chosen by the sampler. With ``crop`` (centred slices, e.g. the
@@ -118,9 +145,11 @@ def augment_sample(image: np.ndarray, target: np.ndarray, weight: np.ndarray, *,
     angle = float(rng.uniform(0, 2 * np.pi)) if rotation else 0.0
     if elastic_sigma > 0 or angle:
         field = elastic_field(spatial, sigma=elastic_sigma, grid=elastic_grid, rng=rng)
-        image = np.stack([deform(channel, field, order=3, angle=angle) for channel in image])
-        target = deform(target, field, order=0, angle=angle, crop=crop)
-        weight = deform(weight, field, order=1, angle=angle, crop=crop)
+        coords = _coordinates(spatial, field, angle)  # once for the image, a window of it for the rest
+        image = np.stack([_resample(channel, coords, 3) for channel in image])
+        window = coords[(slice(None),) + crop]
+        target = _resample(target, window, 0)
+        weight = _resample(weight, window, 1)
     else:
         target, weight = target[crop], weight[crop]
     if flip_rotate:

@@ -3,8 +3,8 @@
 Axis order: samples are numpy ``(C, *spatial)`` images with ``(*spatial)`` targets and
 weights; batches are torch ``(N, C, *spatial)``.
 
-Every batch is a pure function of ``(seed, step)``: a data-loader worker draws it from
-``numpy.random.default_rng([seed, step])``. Batches can therefore be produced by any number
+Every batch is a pure function of ``(seed, step)``: tile i of it is drawn from
+``numpy.random.default_rng([seed, step, i])``. Batches can therefore be produced by any number
 of parallel workers, in any order, and a run resumed at step k sees exactly the batches an
 uninterrupted run would. Dropout draws from torch's global generator, whose state is part
 of the checkpoint; the data loader gets its own generator so it never consumes it.
@@ -19,6 +19,7 @@ import platform
 import signal
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -174,6 +175,7 @@ class TileDataset(torch.utils.data.Dataset):
         self.out = (settings.tile,) * settings.ndim
         self.inp = model.input_shape_for(self.out)
         self.margin = model.margin()
+        self._executor: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return self.settings.steps
@@ -194,9 +196,30 @@ class TileDataset(torch.utils.data.Dataset):
                               elastic_grid=s.elastic_grid, flip_rotate=s.flip_rotate, rotation=s.rotation,
                               gray_strength=s.gray_strength, crop=crop)
 
+    def _pool(self) -> ThreadPoolExecutor | None:
+        """Threads that augment the tiles of one batch at once, in the training process only.
+
+        Without data-loader workers (the default on a small CPU machine, where the model's
+        own threads already use every core) the batch is augmented between steps by as many
+        threads as torch uses: the resampling releases the GIL, so this costs the step about
+        1/threads of the serial augmentation time (bench/train.py). Worker processes
+        (``num_workers`` > 0, GPU nodes) augment one tile after another.
+        """
+        threads = min(self.settings.batch_size, torch.get_num_threads())
+        if threads < 2 or torch.utils.data.get_worker_info() is not None:
+            return None
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="augment")
+        return self._executor
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_executor": None}  # a thread pool does not cross into workers
+
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.settings.seed, int(step)])
-        samples = [self.sample(rng) for _ in range(self.settings.batch_size)]
+        # One generator per tile: the batch is the same whichever thread or worker draws it.
+        rngs = [np.random.default_rng([self.settings.seed, int(step), i]) for i in range(self.settings.batch_size)]
+        pool = self._pool()
+        samples = list(pool.map(self.sample, rngs)) if pool else [self.sample(rng) for rng in rngs]
         return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*samples))  # type: ignore[return-value]
 
 
