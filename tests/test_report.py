@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import zipfile
 from html.parser import HTMLParser
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import copy_workflow, run_snakemake
 from scipy import ndimage
 
 from unet_core import io
@@ -27,7 +27,6 @@ from unet_core import report as report_module
 from unet_core.report import last_exception, qc_flags, report_incomplete_run, write_report
 
 HOSTILE = "<script>alert(1)</script>"
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -342,7 +341,7 @@ def test_representative_planes_are_read_one_at_a_time(batch, monkeypatch):
 
 # ----------------------------------------------------------------------------- workflow (Bar 3)
 def _snakemake(workdir, *args, timeout=1500):
-    return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    return run_snakemake(workdir, *args, timeout=timeout)
 
 
 def _add_sample(path: Path, values: dict) -> None:
@@ -357,10 +356,7 @@ def _add_sample(path: Path, values: dict) -> None:
 @pytest.fixture(scope="module")
 def corrupt_batch(repo, tmp_path_factory):
     """The demo workflow with a corrupt raw stack added, run once with the local profile (--keep-going)."""
-    work = tmp_path_factory.mktemp("corrupt_batch")
-    for item in ("Snakefile", "workflow", "config", "profiles", "envs"):
-        source = repo / item
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, work / item)
+    work = copy_workflow(tmp_path_factory.mktemp("corrupt_batch"))
     config = work / "config" / "config.yaml"
     # the report needs a model, not a good one: fewer training steps keep the test short
     config.write_text(config.read_text().replace("steps: 300", "steps: 100"))

@@ -4,6 +4,7 @@ Every scenario is a dry run (``-n``) with the local profile on a copy of one fin
 run, and asserts the exact set of jobs Snakemake would run.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -48,6 +49,17 @@ def night(demo_run, tmp_path_factory):
     return workdir
 
 
+@contextlib.contextmanager
+def _changed_pixels(path):
+    """The raw stack at ``path`` mirrored (same path, new content) inside the block; restored after."""
+    original = path.read_bytes()
+    tifffile.imwrite(path, np.flip(tifffile.imread(path), axis=-1), imagej=True)
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
 def _later(path, seconds=5):
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 10**9))
@@ -62,14 +74,8 @@ def test_touched_stack_is_not_reprocessed(night):
 
 @pytest.mark.slow
 def test_changed_pixels_rerun_only_that_stack(night):
-    raw = night / "resources" / "demo" / "timelapse_d.tif"
-    original = raw.read_bytes()
-    image = tifffile.imread(raw)
-    tifffile.imwrite(raw, np.flip(image, axis=-1), imagej=True)
-    try:
+    with _changed_pixels(night / "resources" / "demo" / "timelapse_d.tif"):
         assert _planned(night) == _per_stack(["timelapse_d"], ("ingest", "predict", "segment", "evaluate")) | REPORT
-    finally:
-        raw.write_bytes(original)
     # The same content again, but a newer mtime: nothing to do.
     assert _planned(night) == set()
 
@@ -103,15 +109,9 @@ def test_discovered_stack_in_raw_folder_runs_only_its_jobs(night, tmp_path):
 
 @pytest.mark.slow
 def test_changed_training_stack_retrains_and_repredicts(night):
-    raw = night / "resources" / "demo" / "timelapse_a.tif"
-    original = raw.read_bytes()
-    image = tifffile.imread(raw)
-    tifffile.imwrite(raw, np.flip(image, axis=-1), imagej=True)
-    try:
+    with _changed_pixels(night / "resources" / "demo" / "timelapse_a.tif"):
         expected = {("ingest", "timelapse_a"), ("weight_map", "timelapse_a"), ("train", "")}
         assert _planned(night) == expected | _per_stack(PREDICTED) | REPORT
-    finally:
-        raw.write_bytes(original)
 
 
 @pytest.mark.slow

@@ -11,16 +11,13 @@ Deselect with ``pytest -m "not slurm"``; docs/slurm.md has the details.
 import csv
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SNAKEMAKE, copy_workflow
 
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles", "envs")
 BROKEN = "broken_stack"
 TRAIN_STEPS = 40
 DEMO_RULES = {"demo_data", "ingest", "weight_map", "train", "predict", "segment", "evaluate"}
@@ -80,10 +77,7 @@ def _fit_to_node(profile, cpus, mem_mb):
 @pytest.fixture(scope="module")
 def slurm_run(slurm_env, repo, tmp_path_factory):
     """The demo plus one corrupt stack, run with profiles/slurm: (workdir, result, run id)."""
-    work = tmp_path_factory.mktemp("slurm_workflow")
-    for item in WORKFLOW_ITEMS:
-        source = repo / item
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, work / item)
+    work = copy_workflow(tmp_path_factory.mktemp("slurm_workflow"))
     broken = work / "resources" / "incoming" / f"{BROKEN}.tif"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"this is not a TIFF file\x00\xff" * 64)
