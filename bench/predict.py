@@ -9,24 +9,25 @@ noisy: runs are interleaved, repeated, and the fastest of each kind is kept).
     (``torch.inference_mode``). Ratio = model-only time / predict_image time = output px/s of
     predict_image / output px/s of the same forward passes; goal >= 0.90 (reading, mirroring,
     normalising, scheduling, softmax and writing cost <= 10 %). Also printed: the tiling
-    efficiency of the block plan (output px / computed tile px) and the same pair for a block
-    shape matched to the tile (``--matched-block``), to separate I/O cost from tile waste.
+    efficiency of the block plan (computed tile px / output px) and the same pair for another
+    block and tile (``--compare-block``, ``--compare-tile``; by default 512 and 468, the defaults
+    before the block was matched to the tile), to separate I/O cost from tile waste.
 (b) In-memory throughput at equal forward memory: ``predict_tiled`` (default tile, chosen by
-    ``default_tile_shape`` to fill ``CPU_MEMORY_BUDGET``) against MONAI's
+    ``default_tile_shape`` within ``CPU_MEMORY_BUDGET`` by ``forward_memory``) against MONAI's
     ``sliding_window_inference`` (overlap 0.25, gaussian blending, sw_batch_size 1) running a
     padded-convolution twin of the same U-Net (same layers, widths and weights, 3x3 convs with
     zero padding 1). Equal memory is measured, not assumed: the peak of one forward pass is
     measured in a subprocess (growth of VmHWM after a reset), and MONAI's roi is the largest
     multiple of 2**depth whose measured peak fits the budget. Also timed: MONAI with the roi
-    that ``forward_memory`` (the estimate ours uses) would give, and ours with the tile whose
+    that ``forward_memory`` (the estimate ours uses) gives, and ours with the cubic tile whose
     measured peak fills the budget. Ratio ours/MONAI of output px/s; goal >= 1.0 in 2D (planes
     of the (a) volume). In 3D (base-16, depth-3 3D U-Net on a synthetic volume) the ratio is
-    printed for the default tile and for a sweep of larger tiles, with the tile size at which
-    it reaches 1.0. "Interior" ratios use one forward pass per side (output px per pass / pass
-    time: tile^n for ours, MONAI's step^n for MONAI), i.e. the ratio on an infinitely large
-    image, without the border effects of a given image size. Beside the measured peaks the
-    bench prints ``forward_memory`` and ``walk_memory`` (a layer-by-layer estimate written here
-    as a candidate replacement).
+    printed for the default tile and for a sweep of larger cubic tiles, with the tile size at
+    which it reaches 1.0. "Interior" ratios use one forward pass per side (output px per pass /
+    pass time: the tile's px for ours, MONAI's step^n for MONAI), i.e. the ratio on an
+    infinitely large image, without the border effects of a given image size. Beside the
+    measured peaks the bench prints ``forward_memory`` and the live bytes it is made of
+    (``forward_memory`` without its safety factor).
 (c) Peak RSS of ``predict_image`` (tiny model: base 2, depth 2; ``dtype="uint8"``) on a 4 GB
     uint16 ``(T, Y, X)`` OME-Zarr against a 0.5 GB one, each in its own subprocess; goal <= 1.2.
 
@@ -35,6 +36,7 @@ filled one plane at a time) in a temporary folder under ``--tmp`` that is delete
 Runs one heavy process at a time (torch uses all cores).
 
 Usage: python bench/predict.py [--quick] [--parts a,b,c] [--planes 4] [--size 2048] [--repeats 3]
+       [--compare-block 512 --compare-tile 468]
        [--rss-gb 4 --rss-small-gb 0.5] [--tmp /tmp]
 Requires monai for (b): pip install monai (with --no-deps if pip wants to change torch).
 """
@@ -63,8 +65,8 @@ from torch import nn  # noqa: E402
 
 from unet_core import io  # noqa: E402
 from unet_core.model import UNet, valid_sizes  # noqa: E402
-from unet_core.predict import (CPU_MEMORY_BUDGET, default_tile_shape, forward_memory, predict_image,  # noqa: E402
-                               predict_tiled)
+from unet_core.predict import (_MEMORY_SAFETY, CPU_MEMORY_BUDGET, _default_block_shape,  # noqa: E402
+                               default_tile_shape, forward_memory, predict_image, predict_tiled)
 from unet_core.tiling import tile_origins  # noqa: E402
 
 MiB = 2**20
@@ -146,45 +148,17 @@ def memory_format(ndim: int) -> torch.memory_format:
     return torch.channels_last if ndim == 2 else torch.channels_last_3d
 
 
-def walk_memory(model: UNet, input_shape, padded: bool = False) -> int:
-    """Peak bytes of the float32 maps alive during one inference forward pass, layer by layer.
-
-    ``UNet.forward`` keeps every skip map (the ``skips`` list) to the end; inside a conv block the
-    block input, the first and the second convolution outputs are alive together (ReLU is in
-    place); on the way up the up-convolution output, the concatenation and the block's two outputs.
-    A candidate replacement for ``forward_memory`` (which counts six level-0 input-size maps),
-    valid for valid (``padded=False``) and same-padded convolutions alike.
-    """
-    shrink = 0 if padded else 2
-    size = lambda shape: math.prod(shape)  # noqa: E731
-    shape, channels, skips, peak = list(input_shape), model.in_channels, 0, 0
-    for level in range(model.depth + 1):
-        width = model.base_channels * 2**level
-        first = [s - shrink for s in shape]
-        second = [s - shrink for s in first]
-        peak = max(peak, skips + channels * size(shape) + width * (size(first) + size(second)))
-        if level < model.depth:
-            skips += width * size(second)
-            shape, channels = [s // 2 for s in second], width
-            peak = max(peak, skips + width * size(shape))
-        else:
-            shape, channels = second, width
-    for level in reversed(range(model.depth)):
-        width = model.base_channels * 2**level
-        up = [2 * s for s in shape]
-        peak = max(peak, skips + channels * size(shape) + width * size(up))
-        first = [s - shrink for s in up]
-        second = [s - shrink for s in first]
-        peak = max(peak, skips + 3 * width * size(up) + width * (size(first) + size(second)))
-        shape, channels = second, width
-    return 4 * peak
+def live_bytes(model: UNet, input_shape) -> float:
+    """The bytes of the tensors alive at the peak of a CPU forward pass: forward_memory without its safety factor."""
+    return forward_memory(model, input_shape) / _MEMORY_SAFETY["cpu"]
 
 
-def equal_memory_roi(model: UNet, budget: int) -> int:
-    """Largest multiple of 2**depth whose (roi,)*ndim forward pass fits ``budget`` by ``forward_memory``."""
-    grid = 2**model.depth
+def equal_memory_roi(twin: UNet, budget: int) -> int:
+    """Largest multiple of 2**depth whose (roi,)*ndim forward pass of the padded twin fits ``budget``
+    by ``forward_memory`` (which reads the padding from the model)."""
+    grid = 2**twin.depth
     roi = grid
-    while forward_memory(model, (roi + grid,) * model.ndim) <= budget:
+    while forward_memory(twin, (roi + grid,) * twin.ndim) <= budget:
         roi += grid
     return roi
 
@@ -209,12 +183,13 @@ def forward_seconds(model: nn.Module, input_shape, repeats: int = 3) -> float:
 def block_plan(model: UNet, spatial_shape, block_shape=None, tile_shape=None) -> collections.Counter:
     """Tile input shapes and their count for one plane, as ``predict_image`` tiles its blocks.
 
-    Mirrors ``unet_core.predict``: default block 512 (2D) / 128 (3D) capped by the image, per
-    block ``default_tile_shape(model, block size)`` and ``tile_origins`` on the pooling grid.
+    Mirrors ``unet_core.predict``: its default block (two tile steps of the default tile, capped
+    by the image), per block ``default_tile_shape(model, block size)`` and ``tile_origins`` on the
+    pooling grid.
     """
     grid = 2**model.depth
     if block_shape is None:
-        block_shape = tuple(min(512 if model.ndim == 2 else 128, -(-s // grid) * grid) for s in spatial_shape)
+        block_shape = _default_block_shape(model, spatial_shape, "cpu", tile_shape)
     plan: collections.Counter = collections.Counter()
     for origin in itertools.product(*(range(0, s, b) for s, b in zip(spatial_shape, block_shape))):
         size = tuple(min(b, s - o) for b, s, o in zip(block_shape, spatial_shape, origin))
@@ -295,7 +270,8 @@ def _child(argument: str) -> None:
             before = _reset_peak_rss()
             model(x)
             after = _peak_rss()
-        print(json.dumps({"peak_mib": (after - before) / MiB}))
+        # the input, allocated before the reset, counts as forward_memory counts it
+        print(json.dumps({"peak_mib": (after - before + x.numel() * 4) / MiB}))
     elif spec["what"] == "rss":  # peak RSS of predict_image (or of the imports and model alone)
         start = time.perf_counter()
         if spec.get("output"):
@@ -322,38 +298,44 @@ def run_child(spec: dict) -> dict:
 def part_a(args, workdir: Path, model: UNet, model_path: Path, image_path: Path) -> dict:
     spatial = (args.size, args.size)
     pixels = args.planes * args.size**2
-    variants = {"default block": None}
-    if args.matched_block:
-        # a block that the default tile covers without waste: a multiple of the tile's step
-        tile = default_tile_shape(model, spatial, "cpu")
-        step = (tile[0] // 2**model.depth) * 2**model.depth
-        variants[f"block {args.matched_block * step}"] = (args.matched_block * step,) * 2
-    plans = {name: block_plan(model, spatial, block) for name, block in variants.items()}
+    default_tile = default_tile_shape(model, spatial, "cpu")
+    default_block = _default_block_shape(model, spatial, "cpu")
+    variants = {"default block": (None, None)}
+    if args.compare_block:
+        tile = (args.compare_tile,) * 2 if args.compare_tile else None
+        variants[f"block {args.compare_block}" + (f", tile {args.compare_tile}" if tile else "")] = \
+            ((args.compare_block,) * 2, tile)
+    plans = {name: block_plan(model, spatial, block, tile) for name, (block, tile) in variants.items()}
     print(f"\n(a) predict_image zarr→zarr vs model-only forward, {args.planes}x{args.size}x{args.size} uint16 'tyx', "
-          f"UNet base {model.base_channels} depth {model.depth} 2D, torch threads {torch.get_num_threads()}")
+          f"UNet base {model.base_channels} depth {model.depth} 2D, torch threads {torch.get_num_threads()}; "
+          f"default tile for the plane {default_tile}, default block {default_block}")
     for name, plan in plans.items():
         computed = sum(math.prod(t) * n for t, n in plan.items())
         print(f"    {name}: tiles per plane {dict((f'{t[0]}x{t[1]}', n) for t, n in plan.items())}, "
               f"computed/output px {computed / args.size**2:.2f}")
     times = {name: {"model": [], "predict": []} for name in variants}
     for repeat in range(args.repeats):
-        for name, block in variants.items():
+        for name, (block, tile) in variants.items():
             times[name]["model"].append(in_worker(model_only_seconds, model, plans[name], args.planes))
-            times[name]["predict"].append(
-                predict_image_seconds(model_path, image_path, workdir / "out.ome.zarr", block_shape=block))
+            times[name]["predict"].append(predict_image_seconds(model_path, image_path, workdir / "out.ome.zarr",
+                                                                block_shape=block, tile_shape=tile))
             print(f"    repeat {repeat + 1} {name}: model-only {times[name]['model'][-1]:6.1f} s, "
                   f"predict_image {times[name]['predict'][-1]:6.1f} s", flush=True)
-    default_tile = default_tile_shape(model, spatial, "cpu")
     ideal = math.prod(default_tile) / in_worker(forward_seconds, model, model.input_shape_for(default_tile))
-    result = {"ideal_px_s": ideal}
+    result = {"ideal_px_s": ideal, "tile": default_tile, "block": default_block}
     for name in variants:
         model_s, predict_s = min(times[name]["model"]), min(times[name]["predict"])
         pairs = sorted(m / p for m, p in zip(times[name]["model"], times[name]["predict"]))
-        result[name] = {"model_s": model_s, "predict_s": predict_s, "px_s": pixels / predict_s}
+        result[name] = {"model_s": model_s, "predict_s": predict_s, "px_s": pixels / predict_s,
+                        "ratio": model_s / predict_s}
         print(f"    {name}: predict_image {pixels / predict_s / 1e6:.3f} Mpx/s, model-only same tiles "
               f"{pixels / model_s / 1e6:.3f} Mpx/s → ratio (a) {model_s / predict_s:.3f} (goal >= 0.90; "
-              f"per repeat {', '.join(f'{r:.3f}' for r in pairs)}); x one {default_tile[0]}² pass's output px/s "
-              f"{pixels / predict_s / ideal:.3f}")
+              f"per repeat {', '.join(f'{r:.3f}' for r in pairs)}); x one {default_tile[0]}x{default_tile[1]} "
+              f"pass's output px/s {pixels / predict_s / ideal:.3f}")
+    if len(variants) > 1:
+        other = next(name for name in variants if name != "default block")
+        print(f"    default block / {other}: {result['default block']['px_s'] / result[other]['px_s']:.2f}x "
+              f"predict_image throughput")
     return result
 
 
@@ -384,11 +366,10 @@ def _time_monai(twin: PaddedTwin, images: list[np.ndarray], roi: int) -> float:
     return time.perf_counter() - start
 
 
-def measured_peak(model: UNet, kind: str, edge: int) -> float:
-    """Measured peak bytes of one forward pass of ours (``edge`` = output tile) or the twin (``edge`` = roi)."""
-    shape = model.input_shape_for((edge,) * model.ndim) if kind == "ours" else (edge,) * model.ndim
+def measured_peak(model: UNet, kind: str, input_shape) -> float:
+    """Measured peak bytes of one forward pass of ours or the twin on ``input_shape`` (input included)."""
     spec = {"what": "peak", "ndim": model.ndim, "base": model.base_channels, "depth": model.depth, "kind": kind,
-            "shape": list(shape)}
+            "shape": list(input_shape)}
     return run_child(spec)["peak_mib"] * MiB
 
 
@@ -398,18 +379,18 @@ def fill_measured(model: UNet, kind: str, budget: int, start: int, cache: dict) 
     grid = 2**model.depth
     if kind == "ours":
         candidates = list(range(4, 4096, grid))  # the valid output sizes: 4 more than a multiple of 2**depth
-        voxels = lambda e: math.prod(model.input_shape_for((e,) * model.ndim))  # noqa: E731
+        shape = lambda e: model.input_shape_for((e,) * model.ndim)  # noqa: E731
     else:
         candidates = list(range(grid, 4096, grid))
-        voxels = lambda e: e**model.ndim  # noqa: E731
+        shape = lambda e: (e,) * model.ndim  # noqa: E731
 
     def peak(edge):
-        if (kind, edge) not in cache:
-            cache[kind, edge] = measured_peak(model, kind, edge)
-        return cache[kind, edge]
+        if (kind, shape(edge)) not in cache:
+            cache[kind, shape(edge)] = measured_peak(model, kind, shape(edge))
+        return cache[kind, shape(edge)]
 
-    per_voxel = peak(start) / voxels(start)
-    edge = max([c for c in candidates if voxels(c) * per_voxel <= budget] or candidates[:1])
+    per_voxel = peak(start) / math.prod(shape(start))
+    edge = max([c for c in candidates if math.prod(shape(c)) * per_voxel <= budget] or candidates[:1])
     while peak(edge) > budget and edge > candidates[0]:
         edge = candidates[candidates.index(edge) - 1]
     while candidates.index(edge) + 1 < len(candidates) and peak(candidates[candidates.index(edge) + 1]) <= budget:
@@ -417,105 +398,121 @@ def fill_measured(model: UNet, kind: str, budget: int, start: int, cache: dict) 
     return edge
 
 
-def interior_ratio(model: UNet, twin: PaddedTwin, tile: int, roi: int, monai_pass: float | None = None) -> float:
-    """Output px/s of one pass of ours (tile^n per pass) over MONAI's (step^n per pass): no border effects."""
-    ours = tile**model.ndim / forward_seconds(model, model.input_shape_for((tile,) * model.ndim), repeats=3)
+def interior_ratio(model: UNet, twin: PaddedTwin, tile, roi: int, monai_pass: float | None = None) -> float:
+    """Output px/s of one pass of ours (the tile's px per pass) over MONAI's (step^n per pass): no border effects."""
+    ours = math.prod(tile) / forward_seconds(model, model.input_shape_for(tile), repeats=3)
     monai_pass = monai_pass or forward_seconds(twin, (roi,) * model.ndim, repeats=3)
     return ours / (int(roi * 0.75) ** model.ndim / monai_pass)
 
 
+def _text(tile) -> str:
+    return "x".join(str(t) for t in tile)
+
+
 def _compare(label: str, model: UNet, images: list[np.ndarray], budget: int, repeats: int, sweep=()) -> dict:
-    """Ours (default tile, and the tile that fills the budget by measurement) against MONAI with the roi
-    that fills the budget by measurement (and, for reference, by the forward_memory estimate)."""
+    """Ours (default tile, and the cubic tile that fills the budget by measurement) against MONAI with the
+    roi that fills the budget by measurement (and, for reference, by the forward_memory estimate)."""
     twin = PaddedTwin(model)
+    n = model.ndim
     spatial = images[0].shape[1:]
     voxels = sum(math.prod(image.shape[1:]) for image in images)
     cache: dict = {}
-    tile = default_tile_shape(model, spatial, "cpu", memory_budget=budget)[0]
-    roi_est = equal_memory_roi(model, budget)
-    tile_fill = fill_measured(model, "ours", budget, tile, cache)
+    tile = default_tile_shape(model, spatial, "cpu", memory_budget=budget)
+    roi_est = equal_memory_roi(twin, budget)
+    tile_fill = fill_measured(model, "ours", budget, max(tile), cache)
     roi = fill_measured(model, "twin", budget, roi_est, cache)
-    for edge, kind in ((tile, "ours"), (roi_est, "twin")):
-        if (kind, edge) not in cache:
-            cache[kind, edge] = measured_peak(model, kind, edge)
-    n = model.ndim
-    inp = lambda e: model.input_shape_for((e,) * n)  # noqa: E731
-    print(f"    budget {budget / MiB:.0f} MiB; forward peak in MiB: measured (forward_memory estimate, "
-          f"walk_memory estimate; measured / walk)")
-    for text, kind, edge, shape in (
-            (f"ours default tile {tile}^{n} (input {inp(tile)[0]})", "ours", tile, inp(tile)),
-            (f"ours tile filling the budget by measurement {tile_fill}^{n}", "ours", tile_fill, inp(tile_fill)),
-            (f"MONAI roi by the forward_memory estimate {roi_est}^{n}", "twin", roi_est, (roi_est,) * n),
-            (f"MONAI roi filling the budget by measurement {roi}^{n}", "twin", roi, (roi,) * n)):
-        walk = walk_memory(model, shape, padded=kind == "twin")
-        print(f"      {text:<52} {cache[kind, edge] / MiB:6.0f} ({forward_memory(model, shape) / MiB:5.0f}, "
-              f"{walk / MiB:5.0f}; {cache[kind, edge] / walk:.2f})")
-    configs = {f"ours {tile}^{n} (default)": ("ours", tile), f"MONAI roi {roi}^{n} (measured fill)": ("monai", roi)}
+    cube_fill = (tile_fill,) * n
+    rows = ((f"ours default tile {_text(tile)} (input {_text(model.input_shape_for(tile))})", "ours", twin, tile,
+             model.input_shape_for(tile)),
+            (f"ours tile filling the budget by measurement {_text(cube_fill)}", "ours", twin, cube_fill,
+             model.input_shape_for(cube_fill)),
+            (f"MONAI roi by the forward_memory estimate {roi_est}^{n}", "twin", twin, None, (roi_est,) * n),
+            (f"MONAI roi filling the budget by measurement {roi}^{n}", "twin", twin, None, (roi,) * n))
+    print(f"    budget {budget / MiB:.0f} MiB; forward peak in MiB: measured (x budget; forward_memory estimate, "
+          f"live bytes = estimate / {_MEMORY_SAFETY['cpu']}; measured / live)")
+    peaks = {}
+    for text, kind, _, _, shape in rows:
+        if (kind, shape) not in cache:
+            cache[kind, shape] = measured_peak(model, kind, shape)
+        net = model if kind == "ours" else twin
+        live = live_bytes(net, shape)
+        peaks[text] = cache[kind, shape]
+        print(f"      {text:<62} {cache[kind, shape] / MiB:6.0f} (x{cache[kind, shape] / budget:.2f}; "
+              f"{forward_memory(net, shape) / MiB:5.0f}, {live / MiB:5.0f}; {cache[kind, shape] / live:.2f})")
+    configs = {f"ours {_text(tile)} (default)": ("ours", tile),
+               f"MONAI roi {roi}^{n} (measured fill)": ("monai", roi)}
     if roi_est != roi:
         configs[f"MONAI roi {roi_est}^{n} (estimate fill)"] = ("monai", roi_est)
-    if tile_fill != tile:
-        configs[f"ours {tile_fill}^{n} (measured fill)"] = ("ours", tile_fill)
+    if cube_fill != tile:
+        configs[f"ours {_text(cube_fill)} (measured fill)"] = ("ours", cube_fill)
     seconds: dict = {name: [] for name in configs}
-    for kind, edge in configs.values():  # warm-up: the first pass of a shape builds its kernels
+    for kind, size in configs.values():  # warm-up: the first pass of a shape builds its kernels
         forward_seconds(model if kind == "ours" else twin,
-                        model.input_shape_for((edge,) * n) if kind == "ours" else (edge,) * n, repeats=0)
+                        model.input_shape_for(size) if kind == "ours" else (size,) * n, repeats=0)
     for _ in range(repeats):
-        for name, (kind, edge) in configs.items():
-            seconds[name].append(_time_ours(model, images, (edge,) * n) if kind == "ours"
-                                 else _time_monai(twin, images, edge))
+        for name, (kind, size) in configs.items():
+            seconds[name].append(_time_ours(model, images, size) if kind == "ours"
+                                 else _time_monai(twin, images, size))
     rates = {name: voxels / min(times) for name, times in seconds.items()}
     monai_name = f"MONAI roi {roi}^{n} (measured fill)"
     monai_pass = forward_seconds(twin, (roi,) * n)
+    interiors = {}
     for name, rate in rates.items():
-        kind, edge = configs[name]
+        kind, size = configs[name]
         extra = ""
         if kind == "ours":
-            extra = f", interior {interior_ratio(model, twin, edge, roi, monai_pass):.3f}"
-        print(f"    {label} {name:<34} {rate / 1e6:7.3f} M/s → x MONAI (measured fill) "
+            interiors[name] = interior_ratio(model, twin, size, roi, monai_pass)
+            extra = f", interior {interiors[name]:.3f}"
+        print(f"    {label} {name:<38} {rate / 1e6:7.3f} M/s → x MONAI (measured fill) "
               f"{rate / rates[monai_name]:.3f}{extra}", flush=True)
-    ours_name = f"ours {tile}^{n} (default)"
+    ours_name = f"ours {_text(tile)} (default)"
     result = {"tile": tile, "tile_fill": tile_fill, "roi": roi, "roi_est": roi_est, "rates": rates,
-              "ratio": rates[ours_name] / rates[monai_name], "peaks_mib": {f"{k}_{e}": v / MiB for (k, e), v in cache.items()}}
+              "ratio": rates[ours_name] / rates[monai_name], "interior": interiors[ours_name],
+              "peaks_mib": {text: value / MiB for text, value in peaks.items()}}
+    if roi_est != roi:
+        result["ratio_estimate_fill"] = rates[ours_name] / rates[f"MONAI roi {roi_est}^{n} (estimate fill)"]
     print(f"    ratio (b) {label}: ours default / MONAI at equal measured memory = {result['ratio']:.3f}"
-          + (" (goal >= 1.0)" if n == 2 else ""))
+          + (" (goal >= 1.0)" if n == 2 else "")
+          + (f"; / MONAI at equal estimated memory = {result['ratio_estimate_fill']:.3f}" if roi_est != roi else ""))
     if sweep:
         margin = model.margin()
-        rows = [(tile, result["ratio"], interior_ratio(model, twin, tile, roi, monai_pass))]
+        table = [(tile, result["ratio"], interiors[ours_name])]
         for edge in sorted(set(sweep) | {tile_fill}):
-            if edge <= tile:
+            cube = (edge,) * n
+            if math.prod(cube) <= math.prod(tile):
                 continue
-            t = (edge,) * n
-            r = voxels / min(_time_ours(model, images, t) for _ in range(repeats)) / rates[monai_name]
-            inner = interior_ratio(model, twin, edge, roi, monai_pass)
-            rows.append((edge, r, inner))
-            estimate = forward_memory(model, model.input_shape_for(t))
-            print(f"    ours tile {edge}^{n} (input {model.input_shape_for(t)[0]}^{n}, estimate "
+            r = voxels / min(_time_ours(model, images, cube) for _ in range(repeats)) / rates[monai_name]
+            inner = interior_ratio(model, twin, cube, roi, monai_pass)
+            table.append((cube, r, inner))
+            estimate = forward_memory(model, model.input_shape_for(cube))
+            print(f"    ours tile {_text(cube)} (input {model.input_shape_for(cube)[0]}^{n}, estimate "
                   f"{estimate / MiB:.0f} MiB = {estimate / budget:.1f}x budget): x MONAI {r:.3f}, "
                   f"interior {inner:.3f}", flush=True)
-        result["sweep"] = rows
+        result["sweep"] = table
         for column, name in ((1, "on this volume"), (2, "interior")):
-            reached = next((row[0] for row in rows if row[column] >= 1.0), None)
+            reached = next((row[0] for row in table if row[column] >= 1.0), None)
             if reached:
-                print(f"    ours reaches 1.0x MONAI {name} at tile {reached}^{n}")
+                print(f"    ours reaches 1.0x MONAI {name} at tile {_text(reached)}")
+                result[f"reached_{column}"] = reached
                 continue
             if column == 1:  # tile counts on a small volume jump with the tile: no trend to extrapolate
-                best = max(rows, key=lambda row: row[1])
-                print(f"    ours does not reach 1.0x MONAI {name} up to tile {rows[-1][0]}^{n} "
-                      f"(best {best[1]:.3f} at {best[0]}^{n})")
+                best = max(table, key=lambda row: row[1])
+                print(f"    ours does not reach 1.0x MONAI {name} up to tile {_text(table[-1][0])} "
+                      f"(best {best[1]:.3f} at {_text(best[0])})")
                 continue
-            # extrapolate: ratio ~ c * (tile / (tile + 2 margin))^n, c the median over the sweep
-            c = float(np.median([row[column] / (row[0] / (row[0] + 2 * margin)) ** n for row in rows]))
+            # extrapolate: ratio ~ c * prod(tile / (tile + 2 margin)), c the median over the table
+            c = float(np.median([row[column] / math.prod(t / (t + 2 * margin) for t in row[0]) for row in table]))
             q = (1 / c) ** (1 / n)
             if q < 1:
                 edge = 2 * margin * q / (1 - q)
                 valid = valid_sizes(model.depth, kind="output", near=int(edge), count=1)[-1]
-                print(f"    ours does not reach 1.0x MONAI {name} up to tile {rows[-1][0]}^{n}; extrapolated "
+                print(f"    ours does not reach 1.0x MONAI {name} up to tile {_text(table[-1][0])}; extrapolated "
                       f"(ratio = {c:.2f} x (tile/(tile+{2 * margin}))^{n}): about {valid}^{n} (input "
                       f"{model.input_shape_for((valid,) * n)[0]}^{n}, estimate "
                       f"{forward_memory(model, model.input_shape_for((valid,) * n)) / 2**30:.1f} GiB)")
                 result[f"extrapolated_{column}"] = valid
             else:
-                print(f"    ours does not reach 1.0x MONAI {name} up to tile {rows[-1][0]}^{n}, nor in the "
+                print(f"    ours does not reach 1.0x MONAI {name} up to tile {_text(table[-1][0])}, nor in the "
                       f"limit (ratio -> {c:.2f})")
     return result
 
@@ -572,7 +569,8 @@ def part_c(args, workdir: Path) -> dict:
               f"peak RSS {record['maxrss_mib']:.0f} MiB, predict_image {record['seconds']:.0f} s "
               f"({planes * args.size**2 / record['seconds'] / 1e6:.1f} Mpx/s)", flush=True)
     ratio = result["big"]["maxrss_mib"] / result["small"]["maxrss_mib"]
-    above = (result["big"]["maxrss_mib"] - floor["maxrss_mib"]) / max(result["small"]["maxrss_mib"] - floor["maxrss_mib"], 1)
+    above = ((result["big"]["maxrss_mib"] - floor["maxrss_mib"])
+             / max(result["small"]["maxrss_mib"] - floor["maxrss_mib"], 1))
     print(f"    ratio (c) peak RSS {result['big']['gib']:.2f} GiB / {result['small']['gib']:.2f} GiB: {ratio:.3f} "
           f"(goal <= 1.2); above the imports+model floor: {above:.3f}")
     result["ratio"] = ratio
@@ -588,8 +586,12 @@ def main() -> None:
     parser.add_argument("--planes", type=int, default=4, help="(a) volume planes (t)")
     parser.add_argument("--size", type=int, default=2048, help="plane edge of the (a) and (c) volumes")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest is kept")
-    parser.add_argument("--matched-block", type=int, default=2,
-                        help="(a) also run a block of this many tile steps (0: skip)")
+    parser.add_argument("--compare-block", type=int, default=512,
+                        help="(a) also run this block edge (a multiple of 16; 0: skip); 512 was the default "
+                             "before the block was matched to the tile")
+    parser.add_argument("--compare-tile", type=int, default=468,
+                        help="(a) output tile edge of the --compare-block run (0: the default tile per block); "
+                             "468 was the default before")
     parser.add_argument("--b-planes", type=int, default=2, help="(b) 2D: planes of the (a) volume")
     parser.add_argument("--shape-3d", type=int, nargs=3, default=[144, 192, 192])
     parser.add_argument("--base-3d", type=int, default=16)

@@ -52,6 +52,21 @@ def test_default_tile_and_spatial_only_input():
     np.testing.assert_allclose(probs, whole_image_reference(model, image[None]), atol=1e-5)
 
 
+def test_tta_rotates_non_square_tiles():
+    """Test-time augmentation averages all 8 flips/rotations in 2D, also for a non-square tile
+    (a rotated (H, W) tile is a valid (W, H) tile); one tile covers the image exactly here."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=4, depth=2, dropout=0.0)
+    image = np.random.default_rng(2).standard_normal((1, 44, 52)).astype(np.float32)
+    expected = np.zeros((2, 44, 52))
+    for k in range(4):
+        for flip in (False, True):
+            x = np.rot90(image[:, :, ::-1] if flip else image, k, axes=(1, 2))
+            p = np.rot90(whole_image_reference(model, x.copy()), -k, axes=(1, 2))
+            expected += p[:, :, ::-1] if flip else p
+    np.testing.assert_allclose(predict_tiled(model, image, tile_shape=(44, 52), tta=True), expected / 8, atol=1e-5)
+
+
 def test_bad_inputs_raise():
     model = UNet(base_channels=2, depth=2, in_channels=2)
     with pytest.raises(ValueError, match="C = 2"):

@@ -11,7 +11,7 @@ import tifffile
 import torch
 
 from unet_core import UNet, io
-from unet_core.predict import predict_image
+from unet_core.predict import CPU_MEMORY_BUDGET, predict_image
 from test_predict import whole_image_reference
 
 
@@ -47,6 +47,21 @@ def test_2d_blockwise_equals_whole_image(tmp_path, block):
     for t in range(2):
         plane = (np.asarray(image.array[t], np.float32) - mean[:, None, None]) / std[:, None, None]
         np.testing.assert_allclose(out.array[t], whole_image_reference(model, plane), atol=1e-5)
+
+
+def test_default_block_is_two_tile_steps(tmp_path):
+    """Without block_shape the blocks (= output chunks) are 2 tile steps per axis, capped by the
+    image, and the result is still exact."""
+    model, path = _model_file(tmp_path / "m.pt")
+    data = np.random.default_rng(5).integers(0, 4000, (61, 93)).astype(np.uint16)
+    image_path = _image(tmp_path, data, "YX")
+    summary = predict_image(path, image_path, tmp_path / "out.ome.zarr", tile_shape=(12, 28), dtype="float32")
+    out = io.open_image(tmp_path / "out.ome.zarr")
+    assert tuple(out.array.chunks[1:]) == (24, 56)  # steps 12 and 28 on the pooling grid of 4
+    assert summary["blocks"] == 3 * 2
+    image, mean, std = _normalised(image_path)
+    plane = (np.asarray(image.array[:], np.float32)[None] - mean[0]) / std[0]
+    np.testing.assert_allclose(out.array[:], whole_image_reference(model, plane), atol=1e-5)
 
 
 @pytest.mark.parametrize("block,tile", [((8, 16, 16), None), ((16, 32, 16), (4, 12, 12))])
@@ -120,7 +135,7 @@ def test_distributed_cluster_gives_same_output(tmp_path):
                                   io.open_image(tmp_path / "local.ome.zarr").array[:])
 
 
-def test_bad_inputs_raise_and_publish_nothing(tmp_path):
+def test_bad_inputs_raise_and_publish_nothing(tmp_path, monkeypatch):
     _, path2d = _model_file(tmp_path / "m2.pt")
     _, path_rgb = _model_file(tmp_path / "m3.pt", in_channels=3)
     volume = _image(tmp_path, np.zeros((4, 32, 32), np.uint8), "ZYX")
@@ -136,4 +151,9 @@ def test_bad_inputs_raise_and_publish_nothing(tmp_path):
         predict_image(path2d, tmp_path / "plain", target)
     with pytest.raises(ValueError, match="block_shape"):
         predict_image(path2d, volume, target, planewise=True, block_shape=(30, 30))
+    _, path3d = _model_file(tmp_path / "m3d.pt", ndim=3)
+    monkeypatch.setitem(CPU_MEMORY_BUDGET, 3, 2**20)
+    for block in (None, (4, 16, 16)):
+        with pytest.raises(ValueError, match=r"no output tile fits the memory budget of 1 MiB"):
+            predict_image(path3d, volume, target, block_shape=block, device="cpu")
     assert not target.exists() and not list(tmp_path.glob(".out.ome.zarr*"))

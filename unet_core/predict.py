@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import os
 import shutil
 import threading
@@ -25,68 +26,315 @@ from tqdm.auto import tqdm
 
 from . import io
 from .model import UNet, valid_sizes
-from .tiling import read_reflected, tile_origins
+from .tiling import axis_origins, read_reflected, tile_origins
 
 __all__ = ["predict_tiled", "default_tile_shape", "forward_memory", "predict_image", "load_model", "CPU_MEMORY_BUDGET"]
 
-# Memory budget of one forward pass on the CPU. With a base-16 U-Net it selects 388-516 px
-# output tiles in 2D, the fastest in a measured sweep on a 2-core machine (larger tiles fall
-# out of the caches). 3D tiles need more: the margin is a large part of a small cube.
+# Memory budget of one forward pass (as estimated by forward_memory) that the default tile fills.
+# On the CPU a setting: with a base-16 U-Net it allows output tiles up to about 436 px in 2D, in
+# the fastest range of a measured sweep on a 2-core machine (388-516 px; larger tiles fall out of
+# the caches). 3D tiles need more: the margin is a large part of a small cube.
 # On CUDA the budget is a fraction of the device memory.
 CPU_MEMORY_BUDGET = {2: 160 * 2**20, 3: 1024 * 2**20}
 _CUDA_BUDGET_FRACTION = 0.25
+# forward_memory = bytes of the tensors alive at the peak x this factor, for what the allocator
+# holds beyond them. CPU: glibc keeps freed feature maps in its heaps once its mmap threshold has
+# risen; the peak RSS of repeated passes measured 1.1-1.45x the live bytes (once 1.56x), 2D and 3D
+# (docs/predict.md). CUDA: the caching allocator's rounding and cuDNN workspaces (not measured).
+_MEMORY_SAFETY = {"cpu": 1.5, "cuda": 1.2}
+# torch's CPU convolutions (use_mkldnn in ATen's Convolution.cpp): a batch of one whose
+# C * S0 * S1 (channels x the first two spatial lengths) is at most this runs without oneDNN, through
+# an im2col buffer, on a C-contiguous copy of its input, into a C-contiguous output.
+_ONEDNN_MIN_ELEMENTS = 20480
+# Default block (= output chunk) edge in tile steps of the default tile.
+_BLOCK_TILES = 2
 
 
-def forward_memory(model: UNet, input_shape: Sequence[int], batch_size: int = 1) -> int:
-    """Estimated peak bytes of an inference forward pass (float32).
+@dataclass(frozen=True)
+class _Architecture:
+    """What the memory and cost of a forward pass depend on (hashable, for the tile cache)."""
 
-    At the first level the contracting path keeps its skip map while two more maps of
-    ``base_channels`` are live, and the expanding path concatenates (2 maps) next to the
-    up-convolution output: about six level-0 maps at the peak; deeper levels are smaller.
+    in_channels: int
+    n_classes: int
+    base_channels: int
+    depth: int
+    ndim: int
+    batch_norm: bool
+    shrink: int  # per 3x3 convolution: 2 for valid, 0 for zero-padded ("same") convolutions
+    margin: int
+    smallest: int  # smallest valid output length; the valid ones are smallest + k * 2**depth
+    itemsize: int
+
+
+def _architecture(model: UNet, dtype: torch.dtype | None = None) -> _Architecture:
+    conv = model.down[0][0]
+    dtype = dtype or next(model.parameters()).dtype
+    return _Architecture(model.in_channels, model.n_classes, model.base_channels, model.depth, model.ndim,
+                         model.batch_norm, conv.kernel_size[0] - 1 - 2 * conv.padding[0], model.margin(),
+                         valid_sizes(model.depth, kind="output", near=1)[-1], dtype.itemsize)
+
+
+def _walk(arch: _Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> tuple:
+    """Peak elements alive and multiply-accumulates of one inference forward pass.
+
+    Follows :func:`_forward` and ``UNet.forward`` tensor by tensor: the input batch (and its
+    channels_last copy when it has several channels) lives throughout; every skip map stays in
+    ``skips`` until the end; inside a block its input and both convolution outputs are alive
+    together (ReLU is in place; an eval-mode batch norm makes a new map); on the way up the
+    up-convolution output, the concatenation and the block's outputs coexist. On the CPU,
+    convolutions that torch runs without oneDNN add their im2col buffer and format copies.
+    Lengths may be int64 arrays (broadcast together): then both results are arrays.
     """
-    pixels = int(np.prod(input_shape))
-    return int(6 * model.base_channels * 4 * pixels * batch_size + 2 * model.in_channels * 4 * pixels * batch_size)
+    n = arch.ndim
+    peak = macs = 0
+    if any(isinstance(s, np.ndarray) for s in input_shape):
+        maximum, where, both, negate, lowest = np.maximum, np.where, np.logical_and, np.logical_not, np.min
+    else:  # plain Python numbers: about 10x faster than numpy scalars
+        maximum, both, negate, lowest = max, (lambda a, b: a and b), (lambda a: not a), (lambda a: a)
+        where = (lambda condition, a, b: a if condition else b)
+
+    def size(t):
+        return batch_size * t[0] * math.prod(t[1])
+
+    def note(elements):
+        nonlocal peak
+        peak = maximum(peak, elements)
+
+    def conv(x, channels, kernel, alive, transposed=False):
+        """Output (channels, shape, channels_last) of a convolution of ``x``; ``alive`` counts ``x``."""
+        nonlocal macs
+        c, shape, channels_last = x
+        if transposed:  # stride = kernel
+            out_shape = tuple(kernel * s for s in shape)
+        else:
+            out_shape = tuple(s - (arch.shrink if kernel > 1 else 0) for s in shape)
+        if min(lowest(s) for s in out_shape) < 1:
+            raise ValueError(f"input shape {input_shape} is too small for a depth-{arch.depth} U-Net")
+        slow = both(cpu and kernel > 1 and batch_size == 1, c * shape[0] * shape[1] <= _ONEDNN_MIN_ELEMENTS)
+        cols = channels * kernel**n * math.prod(shape) if transposed else c * kernel**n * math.prod(out_shape)
+        if c > 1:  # the non-oneDNN path reads a C-contiguous copy, oneDNN a channels_last one
+            extra = where(slow, cols + size(x) * channels_last, size(x) * negate(channels_last))
+        else:
+            extra = where(slow, cols, 0)
+        out = (channels, out_shape, negate(slow))
+        note(alive + size(out) + extra)
+        macs += batch_size * c * channels * kernel**n * math.prod(shape if transposed else out_shape)
+        return out
+
+    def block(x, width, alive):
+        first = conv(x, width, 3, alive)
+        if arch.batch_norm:
+            note(alive + 2 * size(first))
+        second = conv(first, width, 3, alive + size(first))
+        if arch.batch_norm:  # the first output is gone by then
+            note(alive + 2 * size(second))
+        return second
+
+    x = (arch.in_channels, tuple(input_shape), True)
+    held = size(x) * (2 if arch.in_channels > 1 else 1)
+    skips, skip_maps = 0, []
+    for level in range(arch.depth):
+        out = block(x, arch.base_channels * 2**level, held + skips + (size(x) if level else 0))
+        skip_maps.append(out)
+        skips += size(out)
+        x = (out[0], tuple(s // 2 for s in out[1]), out[2])
+        note(held + skips + size(x))
+    x = block(x, arch.base_channels * 2**arch.depth, held + skips + size(x))
+    for level in reversed(range(arch.depth)):
+        width = arch.base_channels * 2**level
+        up = conv(x, width, 2, held + skips + size(x), transposed=True)
+        concat = (2 * width, up[1], both(up[2], skip_maps[level][2]))
+        note(held + skips + size(up) + size(concat))
+        x = block(concat, width, held + skips + size(up) + size(concat))
+    logits = conv(x, arch.n_classes, 1, held + skips + size(x))
+    note(held + 2 * size(logits))  # softmax
+    return peak, macs
+
+
+def _safety(device_type: str) -> float:
+    return _MEMORY_SAFETY["cpu" if device_type == "cpu" else "cuda"]
+
+
+def forward_memory(model: UNet, input_shape: Sequence[int], batch_size: int = 1, *,
+                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> int:
+    """Estimated peak bytes of one inference forward pass of ``batch_size`` tiles.
+
+    Parameters
+    ----------
+    model : UNet
+        Valid (or zero-padded) convolutions; the padding is read from the model.
+    input_shape : sequence of int
+        Spatial input shape of a tile.
+    batch_size : int
+        Tiles per forward pass.
+    device : torch device
+        On the CPU, convolutions that torch runs without oneDNN (small maps, batch of one) add
+        their im2col buffers and format copies.
+    dtype : torch dtype, optional
+        Element type of the feature maps; default: that of the model's parameters.
+
+    Returns
+    -------
+    int : the bytes of the tensors alive at the peak (input batch, skip maps, the maps of the
+    current block, the probabilities) times a safety factor for the allocator (1.5 on the CPU,
+    1.2 on CUDA). The weights are not counted.
+
+    Notes
+    -----
+    The walk follows the real tensor shapes of ``UNet.forward``; without the safety factor it
+    equals the measured peak within 0.1 % for maps of more than a few MiB (CPU, 2D and 3D,
+    tests/test_memory.py). With glibc's default settings the peak RSS of repeated passes is
+    1.1-1.45x the live bytes, hence the factor.
+    """
+    device = torch.device(device)
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != model.ndim or min(shape) < 1:
+        raise ValueError(f"input_shape must be {model.ndim} positive lengths for this model, got {tuple(input_shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    arch = _architecture(model, dtype)
+    peak, _ = _walk(arch, shape, batch_size, device.type == "cpu")
+    return math.ceil(int(peak) * arch.itemsize * _safety(device.type))
+
+
+def _memory_budget(ndim: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * _CUDA_BUDGET_FRACTION)
+    return CPU_MEMORY_BUDGET[ndim]
 
 
 def default_tile_shape(model: UNet, spatial_shape: Sequence[int], device: torch.device | str,
                        memory_budget: int | None = None, batch_size: int = 1) -> tuple[int, ...]:
-    """The largest valid output tile (equal edges) whose forward pass fits the memory budget.
+    """The output tile that predicts ``spatial_shape`` with the least computation within a memory budget.
 
-    ``memory_budget`` in bytes; default: :data:`CPU_MEMORY_BUDGET` on the CPU, a quarter of
-    the device memory on CUDA. Axes shorter than the tile get the smallest valid tile that
-    covers them, so small images are not padded far past their border.
+    Among the valid output tiles whose forward pass fits the budget (:func:`forward_memory`),
+    the one with the fewest multiply-accumulates for the whole image: tiles needed (on the
+    pooling grid, as :func:`predict_tiled` places them) times the work of one pass. On a large
+    image this is the tile that fills the budget; on a given size a smaller tile may cover it
+    with as many tiles (a 2048 px axis needs 5 tiles of 420 px or of 500 px). Axes shorter than
+    a tile get the smallest valid tile that covers them.
+
+    Parameters
+    ----------
+    model : UNet
+    spatial_shape : sequence of int
+        The image (or block) to predict.
+    device : torch device
+    memory_budget : int, optional
+        Bytes; default: ``CPU_MEMORY_BUDGET[ndim]`` on the CPU, a quarter of the device memory
+        on CUDA.
+    batch_size : int
+        Tiles per forward pass.
+
+    Raises
+    ------
+    ValueError
+        When not even the smallest tile fits the budget (naming both and what to change).
     """
     device = torch.device(device)
-    if memory_budget is None:
-        if device.type == "cuda":
-            memory_budget = int(torch.cuda.get_device_properties(device).total_memory * _CUDA_BUDGET_FRACTION)
-        else:
-            memory_budget = CPU_MEMORY_BUDGET[model.ndim]
-    sizes = valid_sizes(model.depth, kind="output", near=1, count=1)
-    edge = sizes[-1]
-    while True:
-        bigger = valid_sizes(model.depth, kind="output", near=edge, count=1)[-1]
-        inp = model.input_shape_for((bigger,) * model.ndim)
-        if forward_memory(model, inp, batch_size) > memory_budget or bigger > 8192:
-            break
-        edge = bigger
-    tile = []
-    for size in spatial_shape:
-        fits = valid_sizes(model.depth, kind="output", near=max(size, 1))
-        smallest_cover = fits[0] if fits[0] >= size else fits[-1]
-        tile.append(min(edge, smallest_cover))
-    return tuple(tile)
+    spatial = tuple(int(s) for s in spatial_shape)
+    if len(spatial) != model.ndim or min(spatial) < 1:
+        raise ValueError(f"spatial_shape must be {model.ndim} positive lengths for this model, got {spatial_shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    budget = int(memory_budget) if memory_budget is not None else _memory_budget(model.ndim, device)
+    tile = _best_tile(_architecture(model), spatial, device.type, budget, batch_size)
+    if isinstance(tile, tuple):
+        return tile
+    smallest, needed = tile["smallest"], tile["needed"]
+    source = "memory_budget" if memory_budget is not None else (
+        f"CPU_MEMORY_BUDGET[{model.ndim}]" if device.type == "cpu" else f"{_CUDA_BUDGET_FRACTION} of the device memory")
+    raise ValueError(
+        f"no output tile fits the memory budget of {budget / 2**20:.0f} MiB ({source}): the smallest valid "
+        f"tile for {spatial}, {smallest} (input {model.input_shape_for(smallest)}), needs about "
+        f"{needed / 2**20:.0f} MiB for a forward pass of this {model.ndim}D U-Net (base {model.base_channels}, "
+        f"depth {model.depth}, batch {batch_size}) on {device.type}; raise the budget (memory_budget, or "
+        f"unet_core.predict.CPU_MEMORY_BUDGET[{model.ndim}] on the CPU), lower batch_size, pass tile_shape "
+        f"explicitly (predict.tile in the config), or use a model with fewer base channels or less depth"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _best_tile(arch: _Architecture, spatial: tuple[int, ...], device_type: str, budget: int,
+               batch_size: int) -> tuple[int, ...] | dict:
+    """The tile of :func:`default_tile_shape`, or a dict describing the smallest tile when none fits."""
+    grid = 2**arch.depth
+    cpu = device_type == "cpu"
+    factor = arch.itemsize * _safety(device_type)
+
+    def inputs(tile):
+        return tuple(t + 2 * arch.margin for t in tile)
+
+    def needed(tile):  # bytes of one forward pass
+        return math.ceil(_walk(arch, inputs(tile), batch_size, cpu)[0] * factor)
+
+    def beyond(tile):
+        """Whether this tile (lengths may be arrays) and every larger one exceed the budget.
+        The CPU estimate can drop where a longer axis moves a convolution onto oneDNN; the
+        estimate without those extras cannot, and bounds it from below."""
+        over = np.ceil(_walk(arch, inputs(tile), batch_size, cpu)[0] * factor) > budget
+        if cpu:
+            over = np.logical_and(over, np.ceil(_walk(arch, inputs(tile), batch_size, False)[0] * factor) > budget)
+        return over
+
+    # The shortest valid length per axis: a tile shorter than the grid cannot advance.
+    smallest = tuple(next(t for t in itertools.count(arch.smallest, grid) if t >= size or t >= grid)
+                     for size in spatial)
+    axes = []  # per axis: for each tile count, the shortest valid length that needs no more tiles
+    for k, size in enumerate(spatial):
+        every = np.arange(smallest[k], max(size, smallest[k]) + grid, grid, dtype=np.int64)  # up to a cover
+        every = every[:np.searchsorted(every, size) + 1]
+        over = np.flatnonzero(beyond(smallest[:k] + (every,) + smallest[k + 1:]))
+        lengths, counts = [], []
+        for length in every[:over[0] if len(over) else len(every)].tolist() or [smallest[k]]:
+            count = len(axis_origins(size, length, grid))
+            if not counts or count < counts[-1]:
+                lengths.append(length)
+                counts.append(count)
+        axes.append((lengths, counts))
+    best = None
+
+    def search(prefix: tuple[int, ...], tiles: int) -> None:
+        """The best tile starting with ``prefix``: the last two axes in one walk over their grid."""
+        nonlocal best
+        (first, first_counts), (second, second_counts) = axes[-2:]
+        rows, columns = np.asarray(first, np.int64)[:, None], np.asarray(second, np.int64)[None, :]
+        peak, macs = _walk(arch, inputs(prefix + (rows, columns)), batch_size, cpu)
+        bytes_ = np.ceil(peak * factor).ravel()
+        work = (tiles * np.asarray(first_counts, np.float64)[:, None] * np.asarray(second_counts, np.float64)[None, :]
+                * macs).ravel()
+        fits = np.flatnonzero(bytes_ <= budget)
+        if len(fits):
+            i = fits[np.lexsort((bytes_[fits], work[fits]))[0]]
+            key = (work[i], bytes_[i])
+            if best is None or key < best[0]:
+                best = (key, prefix + (first[i // len(second)], second[i % len(second)]))
+
+    if len(axes) == 2:
+        search((), 1)
+    else:  # 3D: one grid walk per length of the first axis
+        for length, count in zip(*axes[0]):
+            if beyond((length,) + smallest[1:]):
+                break
+            search((length,), count)
+    if best is None:
+        return {"smallest": smallest, "needed": needed(smallest)}
+    return best[1]
 
 
 def _memory_format(ndim: int) -> torch.memory_format:
     return torch.channels_last if ndim == 2 else torch.channels_last_3d
 
 
-def _transforms(ndim: int, square: bool):
-    """(forward, inverse) pairs over the trailing spatial axes of an (N, C, *spatial) tensor."""
+def _transforms(ndim: int):
+    """(forward, inverse) pairs over the trailing spatial axes of an (N, C, *spatial) tensor.
+
+    In 2D the 8 flips and 90-degree rotations; a rotated (H, W) tile is a (W, H) tile, which is
+    as valid, so tiles need not be square. In 3D the 8 flips.
+    """
     axes = list(range(2, 2 + ndim))
     flips = [[a for a, bit in zip(axes, bits) if bit] for bits in itertools.product([0, 1], repeat=ndim)]
-    if ndim == 2 and square:
+    if ndim == 2:
         pairs = []
         for k in range(4):
             for flip in ([], [3]):
@@ -101,9 +349,8 @@ def _forward(model: UNet, x: torch.Tensor, tta: bool) -> torch.Tensor:
     memory_format = _memory_format(model.ndim)
     if not tta:
         return torch.softmax(model(x.contiguous(memory_format=memory_format)).float(), dim=1)
-    square = len(set(x.shape[2:])) == 1
     total = None
-    pairs = _transforms(model.ndim, square)
+    pairs = _transforms(model.ndim)
     for forward, inverse in pairs:
         y = torch.softmax(model(forward(x).contiguous(memory_format=memory_format)).float(), dim=1)
         y = inverse(y)
@@ -161,7 +408,8 @@ def predict_tiled(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spatial = image.shape[1:]
-    tile = tuple(tile_shape) if tile_shape is not None else default_tile_shape(model, spatial, device)
+    tile = (tuple(tile_shape) if tile_shape is not None
+            else default_tile_shape(model, spatial, device, batch_size=batch_size))
     tile_in = model.input_shape_for(tile)
     margin = model.margin()
     grid = 2**model.depth
@@ -267,7 +515,7 @@ def _block_input(job: _Job, image, block_id: int, margin: int, model: UNet):
     view = _ChannelView(image.array, image.axes, where, job.spatial)
     spatial = view.shape[1:]
     size = tuple(min(b, s - o) for b, s, o in zip(job.block, spatial, origin))
-    tile = tuple(job.tile) if job.tile else default_tile_shape(model, size, job.device)
+    tile = tuple(job.tile) if job.tile else default_tile_shape(model, size, job.device, batch_size=job.batch_size)
     grid = 2**model.depth
     origins = tile_origins(size, tile, grid)
     reach = [max(o + t for o in sorted({org[k] for org in origins})) for k, t in enumerate(tile)]
@@ -371,8 +619,10 @@ def predict_image(
     Parameters
     ----------
     block_shape : spatial block shape (a multiple of ``2**depth`` per axis); also the output
-        chunk shape, so no two workers ever write one chunk. Default: 512 (2D) / 128 (3D),
-        capped by the image.
+        chunk shape, so no two workers ever write one chunk. Default: two tile steps per axis
+        (``2 * (tile // 2**depth) * 2**depth``, the tile being ``tile_shape`` or the default tile
+        for the image), capped by the image: a full block is covered by two tiles per axis,
+        which reach 4 px past it.
     tile_shape : output tile inside a block; None = fast default for the device.
     dtype : ``float16``, ``float32`` or ``uint8`` (probability x 255).
     tta : average over flips/rotations (test-time augmentation).
@@ -415,14 +665,19 @@ def predict_image(
         raise ValueError(f"scheduler must be synchronous, threads, processes or distributed, got {scheduler!r}")
     grid = 2**model.depth
     spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
+    if tile_shape is not None:
+        model.input_shape_for(tuple(tile_shape))
     if block_shape is None:
-        block_shape = tuple(min(512 if model.ndim == 2 else 128, -(-s // grid) * grid) for s in spatial_shape)
+        block_shape = _default_block_shape(model, spatial_shape, device, tile_shape, batch_size)
     block_shape = tuple(int(b) for b in block_shape)
     if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
         raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
-                         f"(2**depth, the pooling grid), e.g. {tuple(512 if model.ndim == 2 else 128 for _ in spatial)}")
-    if tile_shape is not None:
-        model.input_shape_for(tuple(tile_shape))
+                         f"(2**depth, the pooling grid), e.g. "
+                         f"{_default_block_shape(model, spatial_shape, device, tile_shape, batch_size)} "
+                         f"(the default for this image)")
+    if tile_shape is None:  # fail here, not in a worker, when no tile fits the memory budget
+        default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
+                           batch_size=batch_size)
     loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
     loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
     block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
@@ -464,6 +719,21 @@ def predict_image(
         shutil.rmtree(output_path)
     os.rename(partial, output_path)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+def _default_block_shape(model: UNet, spatial_shape: Sequence[int], device: str,
+                         tile_shape: Sequence[int] | None = None, batch_size: int = 1) -> tuple[int, ...]:
+    """``_BLOCK_TILES`` tile steps per axis, capped by the image (rounded up to the pooling grid).
+
+    The tile is ``tile_shape`` or the default tile for the whole image. A tile of ``t`` advances
+    by ``step = (t // 2**depth) * 2**depth`` (``t - 4``), so a block of k steps is covered by k
+    tiles per axis that overhang it by 4 px; and block origins stay on the pooling grid.
+    """
+    grid = 2**model.depth
+    tile = tuple(tile_shape) if tile_shape is not None else default_tile_shape(model, spatial_shape, device,
+                                                                              batch_size=batch_size)
+    return tuple(min(_BLOCK_TILES * max((t // grid) * grid, grid), -(-s // grid) * grid)
+                 for t, s in zip(tile, spatial_shape))
 
 
 def _read_fingerprint(partial: Path) -> dict | None:
