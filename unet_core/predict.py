@@ -701,7 +701,7 @@ def predict_image(
                       "block_shape": list(block_shape), "tta": tta}
         partial.mkdir(parents=True)
         io._create_image(partial, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks,
-                         output_path.name, {"unet_core": provenance})
+                         output_path.name, {"unet_core": provenance}, compressor=io.FAST_COMPRESSOR)
         (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
         _done_dir(partial).mkdir()
     total = int(np.prod(loop_shape + block_grid))
