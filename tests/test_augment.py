@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
-from unet_core.augment import augment_sample, deform, elastic_field
+from unet_core.augment import augment_batch, augment_sample, deform, elastic_field
 
 
 def test_zero_sigma_is_identity(rng):
@@ -88,3 +89,41 @@ def test_bicubic_image_resampling_matches_the_spline_on_smooth_images():
     assert np.abs(ours - shifted).mean() > 5 * difference.mean()
     np.testing.assert_allclose(deform(image[:, :70], np.zeros((2, 70, 70), np.float32), order=3, angle=np.pi / 2),
                                np.rot90(image[:, :70], -1), atol=1e-4)
+
+
+def test_a_tile_does_not_depend_on_its_batch():
+    rng = np.random.default_rng(4)
+    images = rng.random((3, 2, 36, 36)).astype(np.float32)
+    targets = rng.integers(0, 3, (3, 36, 36))
+    weights = rng.random((3, 36, 36)).astype(np.float32)
+    crop = (slice(8, 28),) * 2
+    batch = augment_batch(images, targets, weights, rngs=[np.random.default_rng([1, i]) for i in range(3)], crop=crop)
+    for i in range(3):
+        single = augment_sample(images[i], targets[i], weights[i], rng=np.random.default_rng([1, i]), crop=crop)
+        for part, expected in zip(batch, single):
+            np.testing.assert_allclose(part[i].numpy(), expected, atol=1e-6)
+    assert batch[0].shape == (3, 2, 36, 36) and batch[1].shape == batch[2].shape == (3, 20, 20)
+    assert batch[1].dtype == torch.int64 and batch[2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flips_and_quarter_turns_alone_move_pixels_exactly(seed):
+    """Without deformation, rotation and gray values a tile is one of the 8 flips/quarter turns of
+    the input, the same one for image, target and weight (cropped centrally)."""
+    rng = np.random.default_rng(seed)
+    image = rng.random((1, 24, 24)).astype(np.float32)
+    target = rng.integers(0, 50, (24, 24))
+    weight = rng.random((24, 24)).astype(np.float32)
+    crop = (slice(4, 20),) * 2
+    out = augment_sample(image, target, weight, rng=rng, elastic_sigma=0.0, rotation=False, gray_strength=0.0,
+                         crop=crop)
+    for k in range(4):
+        for flip in (False, True):
+            def move(a):
+                a = a[..., ::-1] if flip else a
+                return np.rot90(a, k, axes=(-2, -1))
+            if np.allclose(out[0], move(image), atol=1e-5):
+                np.testing.assert_array_equal(out[1], move(target)[crop])
+                np.testing.assert_allclose(out[2], move(weight)[crop], atol=1e-5)
+                return
+    raise AssertionError("the tile is not a flip/quarter turn of the input")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["elastic_field", "deform", "random_flip_rotate", "gray_value", "augment_sample"]
+__all__ = ["elastic_field", "deform", "augment_batch", "augment_sample"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -28,6 +28,19 @@ def _cubic_upsampling_matrix(size: int, grid: int) -> np.ndarray:
     ], axis=1).astype(np.float32)
 
 
+def _coarse_field(rng: np.random.Generator, ndim: int, sigma: float, grid: int) -> np.ndarray:
+    return rng.normal(0.0, sigma, (ndim,) + (grid,) * ndim).astype(np.float32)
+
+
+def _upsample(coarse: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Dense fields ``(N, ndim, *shape)`` from coarse ones ``(N, ndim, grid, ...)``: one matrix per axis."""
+    field = coarse
+    for axis, size in enumerate(shape):
+        matrix = torch.from_numpy(_cubic_upsampling_matrix(size, coarse.shape[-1]))
+        field = torch.movedim(torch.matmul(matrix, torch.movedim(field, axis + 2, -2)), -2, axis + 2)
+    return field.contiguous()
+
+
 def elastic_field(shape: tuple[int, ...], *, sigma: float, grid: int, rng: np.random.Generator) -> np.ndarray:
     """Dense displacement field ``(ndim, *shape)`` from random vectors on a coarse grid.
 
@@ -35,37 +48,47 @@ def elastic_field(shape: tuple[int, ...], *, sigma: float, grid: int, rng: np.ra
     ``grid``^ndim grid (3x3 in the paper, sigma = 10 px), interpolated bicubically to every
     pixel (cubic spline interpolation, which passes through the grid values).
     """
-    ndim = len(shape)
-    coarse = rng.normal(0.0, sigma, (ndim,) + (grid,) * ndim).astype(np.float32)
+    coarse = _coarse_field(rng, len(shape), sigma, grid)
     if sigma == 0:
-        return np.zeros((ndim, *shape), np.float32)
-    field = coarse
-    for axis, size in enumerate(shape):
-        # A few broadcast multiply-adds instead of a BLAS call: BLAS threads spin after each
-        # call and steal cores from the training step on small machines (bench/train.py).
-        matrix = _cubic_upsampling_matrix(size, grid)
-        shape_out = list(field.shape)
-        shape_out[axis + 1] = size
-        upsampled = np.zeros(shape_out, np.float32)
-        column_shape = [1] * field.ndim
-        column_shape[axis + 1] = size
-        for j in range(grid):
-            upsampled += matrix[:, j].reshape(column_shape) * np.take(field, [j], axis=axis + 1)
-        field = upsampled
-    return np.ascontiguousarray(field, dtype=np.float32)
+        return np.zeros((len(shape), *shape), np.float32)
+    return _upsample(torch.from_numpy(coarse)[None], tuple(shape))[0].numpy()
 
 
-def _coordinates(shape, field, angle, crop=None):
-    coords = np.indices(shape, dtype=np.float32)
-    if angle:
-        centre = [(s - 1) / 2 for s in shape[-2:]]
-        y, x = coords[-2] - centre[0], coords[-1] - centre[1]
-        cos, sin = np.cos(angle), np.sin(angle)
-        coords[-2], coords[-1] = cos * y - sin * x + centre[0], sin * y + cos * x + centre[1]
-    coords += field
-    if crop is not None:
-        coords = coords[(slice(None),) + tuple(crop)]
-    return coords
+def _linear_map(ndim: int, angle: float, flips: list[int], turns: int, square: bool) -> np.ndarray:
+    """The orthogonal ``(ndim, ndim)`` part of the geometric augmentation: a flip of ``flips``,
+    then ``turns`` quarter turns, then a rotation by ``angle``, the last two in the plane of the
+    last two axes (quarter turns only where that plane is square)."""
+    matrix = np.eye(ndim)
+    matrix[flips, flips] = -1.0
+    turn = np.eye(ndim)
+    if square:
+        turn[-2:, -2:] = np.linalg.matrix_power(np.array([[0.0, 1.0], [-1.0, 0.0]]), turns)
+    rotate = np.eye(ndim)
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotate[-2:, -2:] = [[cos, -sin], [sin, cos]]
+    return rotate @ turn @ matrix
+
+
+def _grid(shape: tuple[int, ...], fields: torch.Tensor, matrices: np.ndarray) -> torch.Tensor:
+    """Where to sample, as ``grid_sample`` wants it: ``(N, *shape, ndim)``, last axis first,
+    scaled to [-1, 1] (``align_corners=True``).
+
+    Output pixel ``x`` of tile ``i`` samples the input at ``M_i (x - c) + c + field_i(x)``, with
+    ``c`` the tile centre, ``M_i`` from ``matrices`` (``(N, ndim, ndim)``) and ``fields``
+    ``(N, ndim, *shape)``.
+    """
+    ndim = len(shape)
+    centred = [torch.arange(s, dtype=torch.float32).reshape([-1 if a == k else 1 for a in range(ndim)]) - (s - 1) / 2
+               for k, s in enumerate(shape)]
+    matrices = torch.as_tensor(np.asarray(matrices), dtype=torch.float32).reshape(-1, ndim, ndim, *[1] * ndim)
+    components = []
+    for j, size in enumerate(shape):
+        position = fields[:, j] + (size - 1) / 2
+        for k in range(ndim):
+            if bool(matrices[:, j, k].any()):
+                position.addcmul_(matrices[:, j, k], centred[k])
+        components.append(position.mul_(2.0 / max(size - 1, 1)).sub_(1.0))
+    return torch.stack(components[::-1], dim=-1)
 
 
 def deform(array: np.ndarray, field: np.ndarray, *, order: int, angle: float = 0.0, crop=None) -> np.ndarray:
@@ -74,85 +97,99 @@ def deform(array: np.ndarray, field: np.ndarray, *, order: int, angle: float = 0
     ``R`` rotates by ``angle`` (radians) in the plane of the last two axes about the centre c.
     With ``crop`` (a tuple of slices) only that part of the output is computed.
     """
-    return _resample(array, _coordinates(array.shape, field, angle, crop), order)
+    matrix = _linear_map(array.ndim, angle, [], 0, False)
+    grid = _grid(array.shape, torch.from_numpy(np.asarray(field, np.float32))[None], matrix[None])
+    if crop is not None:
+        grid = grid[(slice(None),) + tuple(crop)]
+    dtype = np.float64 if order == 0 else np.float32
+    out = _resample(torch.from_numpy(np.asarray(array, dtype))[None, None], grid, order)[0, 0].numpy()
+    return out.astype(array.dtype) if order == 0 else out
 
 
-def _resample(array: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
-    """``array`` at ``coords`` (``(ndim, *out)``), mirrored at the edges; order 0, 1 or 3."""
-    if order == 3 and array.ndim == 2:
-        return _bicubic(array, coords)
-    return ndimage.map_coordinates(array, coords, order=order, mode="mirror", prefilter=order > 1)
+_MODES = {0: "nearest", 1: "bilinear", 3: "bicubic"}
 
 
-def _bicubic(image: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Bicubic convolution (Keys, a = -0.75) of a 2D image, mirrored about the edge pixels.
+def _resample(arrays: torch.Tensor, grid: torch.Tensor, order: int) -> torch.Tensor:
+    """``arrays`` (``(N, C, *spatial)``) at the positions ``grid`` (from :func:`_grid`), mirrored
+    about the edge pixels; order 0 (nearest), 1 (linear) or 3 (cubic).
 
-    torch's ``grid_sample`` instead of ``ndimage.map_coordinates(order=3)``: 1.6 ms against
-    17 ms for a 348^2 tile here (the spline prefilter plus 16 taps per pixel in scipy), which
-    is what keeps the full augmentation below 10 % of a CPU training step (bench/train.py).
-    Both kernels interpolate (samples at integer positions are returned unchanged); there is
-    no tricubic ``grid_sample``, so 3D keeps the cubic spline.
+    One ``grid_sample`` call for the whole batch, in the training thread on torch's threads,
+    instead of per-tile ``ndimage.map_coordinates`` calls in a thread pool (bench/train.py).
+    Its "reflection" padding with ``align_corners=True`` is scipy's "mirror". Cubic is bicubic
+    convolution (Keys, a = -0.75) in 2D: 1.6 ms against 17 ms for scipy's spline (prefilter
+    plus 16 taps) on a 348^2 tile. Both interpolate. There is no tricubic ``grid_sample``, so 3D
+    images keep scipy's cubic spline.
     """
-    height, width = image.shape
-    grid = np.stack([coords[1] * (2.0 / max(width - 1, 1)) - 1.0,
-                     coords[0] * (2.0 / max(height - 1, 1)) - 1.0], axis=-1).astype(np.float32)
-    out = torch.nn.functional.grid_sample(
-        torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None], torch.from_numpy(grid)[None],
-        mode="bicubic", padding_mode="reflection", align_corners=True)
-    return out[0, 0].numpy()
+    spatial = arrays.shape[2:]
+    if order == 3 and len(spatial) == 3:
+        scale = torch.tensor([max(s - 1, 1) / 2.0 for s in reversed(spatial)])
+        coords = ((grid + 1.0) * scale).flip(-1).movedim(-1, 1).numpy()
+        out = [[ndimage.map_coordinates(channel, c, order=3, mode="mirror") for channel in a]
+               for a, c in zip(arrays.numpy(), coords)]
+        return torch.from_numpy(np.asarray(out, dtype=arrays.numpy().dtype))
+    return torch.nn.functional.grid_sample(arrays, grid.contiguous().to(arrays.dtype), mode=_MODES[order],
+                                           padding_mode="reflection", align_corners=True)
 
 
-def random_flip_rotate(arrays: list[np.ndarray], spatial_ndim: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Apply one random flip/rotation (of the square last two axes) to all ``arrays`` alike."""
-    flips = [axis for axis in range(spatial_ndim) if rng.random() < 0.5]
-    k = int(rng.integers(4))
-    out = []
-    for array in arrays:
-        offset = array.ndim - spatial_ndim
-        if flips:
-            array = np.flip(array, axis=[offset + a for a in flips])
-        if k and array.shape[-1] == array.shape[-2]:
-            array = np.rot90(array, k, axes=(array.ndim - 2, array.ndim - 1))
-        out.append(np.ascontiguousarray(array))
-    return out
+def augment_batch(images: np.ndarray, targets: np.ndarray, weights: np.ndarray, *,
+                  rngs: list[np.random.Generator], elastic_sigma: float = 10.0, elastic_grid: int = 3,
+                  flip_rotate: bool = True, rotation: bool = True, gray_strength: float = 0.1,
+                  crop: tuple[slice, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augment a batch of training tiles, tile ``i`` with its own generator ``rngs[i]``.
 
+    ``images`` ``(N, C, *spatial)``, ``targets`` and ``weights`` ``(N, *spatial)``. Returns
+    float32 images, int64 targets and float32 weights as tensors.
 
-def gray_value(image: np.ndarray, *, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Random contrast (x (1 +- strength)) and brightness (+- strength) on a normalised image."""
-    if strength == 0:
-        return image
-    scale = 1.0 + rng.uniform(-strength, strength)
-    shift = rng.uniform(-strength, strength)
-    return (image * scale + shift).astype(np.float32)
+    The geometric part is one resampling per array (image cubic, target nearest so ids are never
+    mixed, weight linear) at ``M (x - c) + c + field(x)``: ``field`` is the paper's elastic
+    deformation, ``c`` the tile centre and ``M`` a random flip (each axis with probability 1/2),
+    a random quarter turn (with ``flip_rotate``) and a rotation by a uniform angle (with
+    ``rotation``), the turns in the plane of the last two axes. Flipping and turning the
+    resampled tile instead would give the same distribution of tiles: the field's coarse grid is
+    symmetric and its vectors are i.i.d. Then a gray-value change: contrast x (1 +- strength)
+    and brightness +- strength on the normalised image. A shift is the random tile position
+    chosen by the sampler. With ``crop`` (centred slices, e.g. the network's output window)
+    targets and weights are returned for that window only, which is all the loss needs, and
+    only that window is resampled.
+
+    Each tile's random numbers come from its own generator, drawn in a fixed order (angle,
+    displacements, flips, turns, gray value), so a tile does not depend on the batch it is in.
+    """
+    count, spatial = len(rngs), tuple(targets.shape[1:])
+    ndim = len(spatial)
+    crop = tuple(crop) if crop is not None else tuple(slice(0, s) for s in spatial)
+    coarse, matrices, scale, shift = [], [], [], []
+    for rng in rngs:
+        angle = float(rng.uniform(0, 2 * np.pi)) if rotation else 0.0
+        coarse.append(_coarse_field(rng, ndim, elastic_sigma, elastic_grid))
+        flips = [axis for axis in range(ndim) if rng.random() < 0.5] if flip_rotate else []
+        turns = int(rng.integers(4)) if flip_rotate else 0
+        matrices.append(_linear_map(ndim, angle, flips, turns, spatial[-1] == spatial[-2]))
+        scale.append(1.0 + rng.uniform(-gray_strength, gray_strength) if gray_strength else 1.0)
+        shift.append(rng.uniform(-gray_strength, gray_strength) if gray_strength else 0.0)
+    image = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    target = torch.from_numpy(np.ascontiguousarray(targets))
+    weight = torch.from_numpy(np.ascontiguousarray(weights, np.float32))
+    if elastic_sigma > 0 or any(not np.array_equal(m, np.eye(ndim)) for m in matrices):
+        fields = (_upsample(torch.from_numpy(np.stack(coarse)), spatial) if elastic_sigma > 0
+                  else torch.zeros((count, ndim, *spatial)))
+        grid = _grid(spatial, fields, np.stack(matrices))
+        image = _resample(image, grid, 3)
+        inner = grid[(slice(None),) + crop].contiguous()
+        # float64 keeps label ids exact; nearest sampling never mixes them
+        target = _resample(target[:, None].double(), inner, 0)[:, 0].to(target.dtype)
+        weight = _resample(weight[:, None], inner, 1)[:, 0]
+    else:
+        target, weight = target[(slice(None),) + crop].contiguous(), weight[(slice(None),) + crop].contiguous()
+    shape = (count, *[1] * (ndim + 1))
+    image = torch.addcmul(torch.tensor(shift, dtype=torch.float32).reshape(shape), image,
+                          torch.tensor(scale, dtype=torch.float32).reshape(shape))
+    return image, target, weight
 
 
 def augment_sample(image: np.ndarray, target: np.ndarray, weight: np.ndarray, *, rng: np.random.Generator,
-                   elastic_sigma: float = 10.0, elastic_grid: int = 3, flip_rotate: bool = True,
-                   rotation: bool = True, gray_strength: float = 0.1,
-                   crop: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Augment one training tile: image cubic, target nearest (ids never mixed), weight linear.
-
-    The image is resampled by bicubic convolution in 2D and by a cubic spline in 3D.
-
-    Elastic deformation and a random rotation (uniform angle, last two axes) are combined into
-    one resampling; then a random flip/90-degree rotation and a gray-value change. A shift is
-    the random tile position chosen by the sampler. With ``crop`` (centred slices, e.g. the
-    network's output window) the target and weight are returned for that window only, which
-    is all the loss needs, and only that window is resampled.
-    """
-    spatial = target.shape
-    crop = tuple(crop) if crop is not None else tuple(slice(0, s) for s in spatial)
-    angle = float(rng.uniform(0, 2 * np.pi)) if rotation else 0.0
-    if elastic_sigma > 0 or angle:
-        field = elastic_field(spatial, sigma=elastic_sigma, grid=elastic_grid, rng=rng)
-        coords = _coordinates(spatial, field, angle)  # once for the image, a window of it for the rest
-        image = np.stack([_resample(channel, coords, 3) for channel in image])
-        window = coords[(slice(None),) + crop]
-        target = _resample(target, window, 0)
-        weight = _resample(weight, window, 1)
-    else:
-        target, weight = target[crop], weight[crop]
-    if flip_rotate:
-        image, target, weight = random_flip_rotate([image, target, weight], len(spatial), rng)
-    image = gray_value(image, strength=gray_strength, rng=rng)
-    return image.astype(np.float32, copy=False), target, weight.astype(np.float32, copy=False)
+                   **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augment one training tile (``(C, *spatial)``, ``(*spatial)``, ``(*spatial)``) as
+    :func:`augment_batch` does; same options, numpy in and out."""
+    image, target, weight = augment_batch(image[None], target[None], weight[None], rngs=[rng], **options)
+    return image[0].numpy(), target[0].numpy(), weight[0].numpy()

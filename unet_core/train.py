@@ -19,7 +19,6 @@ import platform
 import signal
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import io
-from .augment import augment_sample
+from .augment import augment_batch
 from .loss import weighted_cross_entropy
 from .model import UNet
 from .predict import predict_tiled
@@ -175,52 +174,31 @@ class TileDataset(torch.utils.data.Dataset):
         self.out = (settings.tile,) * settings.ndim
         self.inp = model.input_shape_for(self.out)
         self.margin = model.margin()
-        self._executor: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return self.settings.steps
 
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A random tile (image, target, weight) at the input size, mirrored at stack borders."""
         stack_index, plane_index = self.items[int(rng.integers(len(self.items)))]
         stack = self.stacks[stack_index]
         plane = stack.planes[plane_index]
         origin = [int(rng.integers(0, max(s - o, 0) + 1)) for s, o in zip(plane.shape[1:], self.out)]
         start = [o - self.margin for o in origin]
         stop = [a + i for a, i in zip(start, self.inp)]
-        image = read_reflected(plane, start, stop)
-        target = read_reflected(stack.targets[plane_index], start, stop)
-        weight = read_reflected(stack.weights[plane_index], start, stop)
-        s = self.settings
-        crop = tuple(slice(self.margin, self.margin + o) for o in self.out)
-        return augment_sample(image, target, weight, rng=rng, elastic_sigma=s.elastic_sigma,
-                              elastic_grid=s.elastic_grid, flip_rotate=s.flip_rotate, rotation=s.rotation,
-                              gray_strength=s.gray_strength, crop=crop)
-
-    def _pool(self) -> ThreadPoolExecutor | None:
-        """Threads that augment the tiles of one batch at once, in the training process only.
-
-        Without data-loader workers (the default on a small CPU machine, where the model's
-        own threads already use every core) the batch is augmented between steps by as many
-        threads as torch uses: the resampling releases the GIL, so this costs the step about
-        1/threads of the serial augmentation time (bench/train.py). Worker processes
-        (``num_workers`` > 0, GPU nodes) augment one tile after another.
-        """
-        threads = min(self.settings.batch_size, torch.get_num_threads())
-        if threads < 2 or torch.utils.data.get_worker_info() is not None:
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(threads, thread_name_prefix="augment")
-        return self._executor
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_executor": None}  # a thread pool does not cross into workers
+        return (read_reflected(plane, start, stop), read_reflected(stack.targets[plane_index], start, stop),
+                read_reflected(stack.weights[plane_index], start, stop))
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # One generator per tile: the batch is the same whichever thread or worker draws it.
+        """The augmented batch of ``step``: each tile from its own generator, so the batch is the
+        same whichever process draws it; augmented together in one resampling per array."""
         rngs = [np.random.default_rng([self.settings.seed, int(step), i]) for i in range(self.settings.batch_size)]
-        pool = self._pool()
-        samples = list(pool.map(self.sample, rngs)) if pool else [self.sample(rng) for rng in rngs]
-        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*samples))  # type: ignore[return-value]
+        images, targets, weights = (np.stack(parts) for parts in zip(*(self.read(rng) for rng in rngs)))
+        s = self.settings
+        crop = tuple(slice(self.margin, self.margin + o) for o in self.out)
+        return augment_batch(images, targets, weights, rngs=rngs, elastic_sigma=s.elastic_sigma,
+                             elastic_grid=s.elastic_grid, flip_rotate=s.flip_rotate, rotation=s.rotation,
+                             gray_strength=s.gray_strength, crop=crop)
 
 
 def _validate(model: UNet, stacks: list[_Stack], device: torch.device) -> dict:
