@@ -78,7 +78,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workers", type=int, default=0,
-                        help="data-loader worker processes (0: thread pool in the training process)")
+                        help="data-loader worker processes (0: in the training thread)")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--paper-steps", type=int, default=2, help="steps for the 31M-parameter paper model")
     args = parser.parse_args()

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -106,24 +108,62 @@ def test_a_tile_does_not_depend_on_its_batch():
     assert batch[1].dtype == torch.int64 and batch[2].dtype == torch.float32
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_flips_and_quarter_turns_alone_move_pixels_exactly(seed):
-    """Without deformation, rotation and gray values a tile is one of the 8 flips/quarter turns of
-    the input, the same one for image, target and weight (cropped centrally)."""
-    rng = np.random.default_rng(seed)
-    image = rng.random((1, 24, 24)).astype(np.float32)
-    target = rng.integers(0, 50, (24, 24))
-    weight = rng.random((24, 24)).astype(np.float32)
-    crop = (slice(4, 20),) * 2
-    out = augment_sample(image, target, weight, rng=rng, elastic_sigma=0.0, rotation=False, gray_strength=0.0,
-                         crop=crop)
-    for k in range(4):
-        for flip in (False, True):
-            def move(a):
-                a = a[..., ::-1] if flip else a
-                return np.rot90(a, k, axes=(-2, -1))
-            if np.allclose(out[0], move(image), atol=1e-5):
-                np.testing.assert_array_equal(out[1], move(target)[crop])
-                np.testing.assert_allclose(out[2], move(weight)[crop], atol=1e-5)
-                return
-    raise AssertionError("the tile is not a flip/quarter turn of the input")
+def _dihedral_moves(ndim, square):
+    """Every flip (of any axes) followed by a quarter turn of the last two axes (when square)."""
+    for flips in itertools.product([False, True], repeat=ndim):
+        for turns in range(4 if square else 1):
+            def move(a, flips=flips, turns=turns):
+                axes = [a.ndim - ndim + k for k, f in enumerate(flips) if f]
+                return np.rot90(np.flip(a, axes), turns, axes=(-2, -1)) if axes else np.rot90(a, turns, axes=(-2, -1))
+            yield (flips, turns), move
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (24, 32), (8, 16, 16)])
+def test_flips_and_quarter_turns_alone_move_pixels_exactly(shape):
+    """Without deformation, rotation and gray values a tile is one of the flips/quarter turns of
+    the input, the same one for image, target and weight (cropped centrally); over many seeds
+    every one of them occurs. Quarter turns only where the last two axes are square."""
+    ndim, square = len(shape), shape[-1] == shape[-2]
+    crop = tuple(slice(s // 4, s - s // 4) for s in shape)
+    index = np.arange(np.prod(shape)).reshape(shape)  # tells the moves apart
+    seen = set()
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        image = rng.random((2, *shape)).astype(np.float32)
+        target = rng.integers(0, 50, shape)
+        weight = rng.random(shape).astype(np.float32)
+        out = augment_sample(image, target, weight, rng=rng, elastic_sigma=0.0, rotation=False, gray_strength=0.0,
+                             crop=crop)
+        matches = [(key, move) for key, move in _dihedral_moves(ndim, square)
+                   if np.allclose(out[0], move(image), atol=1e-5)]
+        assert matches, f"seed {seed}: the tile is not a flip/quarter turn of the input"
+        # a random image has no symmetry: the moves that fit are one transform written several ways
+        assert len({move(index).tobytes() for _, move in matches}) == 1
+        move = matches[0][1]
+        np.testing.assert_array_equal(out[1], move(target)[crop])
+        np.testing.assert_allclose(out[2], move(weight)[crop], atol=1e-5)
+        seen.add(move(index).tobytes())
+    assert seen == {move(index).tobytes() for _, move in _dihedral_moves(ndim, square)}
+
+
+def test_3d_rotation_turns_the_last_two_axes():
+    volume = np.random.default_rng(2).random((6, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(deform(volume, np.zeros((3, 6, 10, 10), np.float32), order=3, angle=np.pi / 2),
+                               np.rot90(volume, -1, axes=(1, 2)), atol=1e-4)
+    labels = np.random.default_rng(3).integers(0, 9, (5, 8, 12))
+    np.testing.assert_array_equal(deform(labels, np.zeros((3, 5, 8, 12), np.float32), order=0, angle=np.pi,
+                                         crop=(slice(1, 4), slice(None), slice(2, 10))),
+                                  labels[:, ::-1, ::-1][1:4, :, 2:10])
+
+
+def test_bad_batches_raise():
+    rng = np.random.default_rng(0)
+    images, targets, weights = np.zeros((2, 1, 20, 20), np.float32), np.zeros((2, 20, 20), np.int64), np.ones((2, 20, 20))
+    with pytest.raises(ValueError, match="1 generators"):
+        augment_batch(images, targets, weights, rngs=[rng])
+    with pytest.raises(ValueError, match="weights"):
+        augment_batch(images, targets, weights[:, :10], rngs=[rng, rng])
+    with pytest.raises(ValueError, match="crop"):
+        augment_batch(images, targets, weights, rngs=[rng, rng], crop=(slice(0, 30), slice(0, 20)))
+    with pytest.raises(ValueError, match="order must be 0"):
+        deform(images[0, 0], np.zeros((2, 20, 20), np.float32), order=2)

@@ -72,9 +72,23 @@ def test_resume_after_sigterm_is_exact(stacks, tmp_path):
 def test_changed_settings_start_afresh(stacks, tmp_path):
     kwargs = dict(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], out_dir=tmp_path)
     train(**kwargs, settings=TrainSettings(**{**SETTINGS, "steps": 4}))
-    with pytest.warns(UserWarning, match="other settings or data"):
+    with pytest.warns(UserWarning, match="other settings, data or augmentation code"):
         train(**kwargs, settings=TrainSettings(**{**SETTINGS, "steps": 6}))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert (tmp_path / "checkpoint.previous.pt").exists()
+
+
+def test_other_augmentation_code_starts_afresh(stacks, tmp_path, monkeypatch):
+    """A checkpoint from augmentation code that draws other tiles from the same random numbers
+    cannot resume exactly: it is set aside."""
+    import unet_core.train
+
+    kwargs = dict(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], out_dir=tmp_path,
+                  settings=TrainSettings(**{**SETTINGS, "steps": 4}))
+    train(**kwargs)
+    monkeypatch.setattr(unet_core.train, "AUGMENTATION_VERSION", unet_core.train.AUGMENTATION_VERSION + 1)
+    with pytest.warns(UserWarning, match="augmentation code"):
+        train(**kwargs)
     assert (tmp_path / "checkpoint.previous.pt").exists()
 
 
@@ -117,7 +131,7 @@ def test_tile_dataset_is_a_pure_function_of_seed_and_step(stacks, ndim, source):
     first, again, other = dataset[7], dataset[7], dataset[8]
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)  # tiles drawn one after another instead of by a thread pool
+        torch.set_num_threads(1)  # the batch does not depend on torch's thread count
         serial = TileDataset([stack], model, settings)[7]
     finally:
         torch.set_num_threads(threads)

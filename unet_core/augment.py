@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["elastic_field", "deform", "augment_batch", "augment_sample"]
+__all__ = ["elastic_field", "deform", "augment_batch", "augment_sample", "AUGMENTATION_VERSION"]
+
+# Bump when the same random numbers give other tiles: a checkpoint records it, and training
+# resumes only under the version that wrote it (an exact resume needs the same batches).
+AUGMENTATION_VERSION = 2
 
 
 @functools.lru_cache(maxsize=32)
@@ -91,12 +95,16 @@ def _grid(shape: tuple[int, ...], fields: torch.Tensor, matrices: np.ndarray) ->
     return torch.stack(components[::-1], dim=-1)
 
 
-def deform(array: np.ndarray, field: np.ndarray, *, order: int, angle: float = 0.0, crop=None) -> np.ndarray:
+def deform(array: np.ndarray, field: np.ndarray, *, order: int, angle: float = 0.0,
+           crop: tuple[slice, ...] | None = None) -> np.ndarray:
     """Resample ``array`` (``(*spatial)``) at ``R(x - c) + c + field(x)``, mirrored at the edges.
 
     ``R`` rotates by ``angle`` (radians) in the plane of the last two axes about the centre c.
-    With ``crop`` (a tuple of slices) only that part of the output is computed.
+    With ``crop`` (a tuple of slices) only that part of the output is computed. ``order`` 0
+    (nearest: the input's dtype), 1 (linear) or 3 (cubic); float32 for orders 1 and 3.
     """
+    if order not in _MODES:
+        raise ValueError(f"order must be 0 (nearest), 1 (linear) or 3 (cubic), got {order!r}")
     matrix = _linear_map(array.ndim, angle, [], 0, False)
     grid = _grid(array.shape, torch.from_numpy(np.asarray(field, np.float32))[None], matrix[None])
     if crop is not None:
@@ -113,9 +121,8 @@ def _resample(arrays: torch.Tensor, grid: torch.Tensor, order: int) -> torch.Ten
     """``arrays`` (``(N, C, *spatial)``) at the positions ``grid`` (from :func:`_grid`), mirrored
     about the edge pixels; order 0 (nearest), 1 (linear) or 3 (cubic).
 
-    One ``grid_sample`` call for the whole batch, in the training thread on torch's threads,
-    instead of per-tile ``ndimage.map_coordinates`` calls in a thread pool (bench/train.py).
-    Its "reflection" padding with ``align_corners=True`` is scipy's "mirror". Cubic is bicubic
+    One ``grid_sample`` call for the whole batch, on torch's threads (bench/train.py). Its
+    "reflection" padding with ``align_corners=True`` is scipy's "mirror". Cubic is bicubic
     convolution (Keys, a = -0.75) in 2D: 1.6 ms against 17 ms for scipy's spline (prefilter
     plus 16 taps) on a 348^2 tile. Both interpolate. There is no tricubic ``grid_sample``, so 3D
     images keep scipy's cubic spline.
@@ -137,8 +144,8 @@ def augment_batch(images: np.ndarray, targets: np.ndarray, weights: np.ndarray, 
                   crop: tuple[slice, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Augment a batch of training tiles, tile ``i`` with its own generator ``rngs[i]``.
 
-    ``images`` ``(N, C, *spatial)``, ``targets`` and ``weights`` ``(N, *spatial)``. Returns
-    float32 images, int64 targets and float32 weights as tensors.
+    ``images`` ``(N, C, *spatial)``, ``targets`` and ``weights`` ``(N, *spatial)``, one
+    generator per tile. Returns tensors: float32 images, targets in their dtype, float32 weights.
 
     The geometric part is one resampling per array (image cubic, target nearest so ids are never
     mixed, weight linear) at ``M (x - c) + c + field(x)``: ``field`` is the paper's elastic
@@ -153,11 +160,23 @@ def augment_batch(images: np.ndarray, targets: np.ndarray, weights: np.ndarray, 
     only that window is resampled.
 
     Each tile's random numbers come from its own generator, drawn in a fixed order (angle,
-    displacements, flips, turns, gray value), so a tile does not depend on the batch it is in.
+    displacements, flips, turns, gray value), so a tile does not depend on the batch it is in
+    (up to float rounding: when no tile of a batch moves, the tiles are copied, not resampled).
     """
     count, spatial = len(rngs), tuple(targets.shape[1:])
     ndim = len(spatial)
+    if images.ndim != ndim + 2 or (len(images), *images.shape[2:]) != (count, *spatial) \
+            or tuple(weights.shape) != (count, *spatial) or len(targets) != count:
+        raise ValueError(f"augment_batch needs images (N, C, *spatial), targets and weights (N, *spatial) and N "
+                         f"generators; got images {images.shape}, targets {targets.shape}, weights {weights.shape} "
+                         f"and {count} generators")
     crop = tuple(crop) if crop is not None else tuple(slice(0, s) for s in spatial)
+    def inside(c: slice, size: int) -> bool:
+        start, stop = c.start or 0, c.stop if c.stop is not None else size
+        return c.step in (None, 1) and 0 <= start < stop <= size
+
+    if len(crop) != ndim or not all(inside(c, s) for c, s in zip(crop, spatial)):
+        raise ValueError(f"crop {crop} must be {ndim} slices inside the tile {spatial} with step 1")
     coarse, matrices, scale, shift = [], [], [], []
     for rng in rngs:
         angle = float(rng.uniform(0, 2 * np.pi)) if rotation else 0.0
@@ -188,8 +207,12 @@ def augment_batch(images: np.ndarray, targets: np.ndarray, weights: np.ndarray, 
 
 
 def augment_sample(image: np.ndarray, target: np.ndarray, weight: np.ndarray, *, rng: np.random.Generator,
-                   **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   elastic_sigma: float = 10.0, elastic_grid: int = 3, flip_rotate: bool = True,
+                   rotation: bool = True, gray_strength: float = 0.1,
+                   crop: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Augment one training tile (``(C, *spatial)``, ``(*spatial)``, ``(*spatial)``) as
-    :func:`augment_batch` does; same options, numpy in and out."""
-    image, target, weight = augment_batch(image[None], target[None], weight[None], rngs=[rng], **options)
+    :func:`augment_batch` does; numpy in and out."""
+    image, target, weight = augment_batch(
+        image[None], target[None], weight[None], rngs=[rng], elastic_sigma=elastic_sigma, elastic_grid=elastic_grid,
+        flip_rotate=flip_rotate, rotation=rotation, gray_strength=gray_strength, crop=crop)
     return image[0].numpy(), target[0].numpy(), weight[0].numpy()

@@ -672,9 +672,8 @@ def predict_image(
     block_shape = tuple(int(b) for b in block_shape)
     if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
         raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
-                         f"(2**depth, the pooling grid), e.g. "
-                         f"{_default_block_shape(model, spatial_shape, device, tile_shape, batch_size)} "
-                         f"(the default for this image)")
+                         f"(2**depth, the pooling grid), e.g. {(32 * grid,) * model.ndim}, or None for the default "
+                         f"(two tile steps per axis)")
     if tile_shape is None:  # fail here, not in a worker, when no tile fits the memory budget
         default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
                            batch_size=batch_size)
@@ -721,12 +720,12 @@ def predict_image(
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
 
 
-def _default_block_shape(model: UNet, spatial_shape: Sequence[int], device: str,
+def _default_block_shape(model: UNet, spatial_shape: Sequence[int], device: str | torch.device,
                          tile_shape: Sequence[int] | None = None, batch_size: int = 1) -> tuple[int, ...]:
     """``_BLOCK_TILES`` tile steps per axis, capped by the image (rounded up to the pooling grid).
 
     The tile is ``tile_shape`` or the default tile for the whole image. A tile of ``t`` advances
-    by ``step = (t // 2**depth) * 2**depth`` (``t - 4``), so a block of k steps is covered by k
+    by ``step = (t // 2**depth) * 2**depth`` (``t - 4`` for depth >= 3), so a block of k steps is covered by k
     tiles per axis that overhang it by 4 px; and block origins stay on the pooling grid.
     """
     grid = 2**model.depth
