@@ -92,6 +92,23 @@ def test_other_augmentation_code_starts_afresh(stacks, tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint.previous.pt").exists()
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_gradient_norm_is_clipped(stacks, tmp_path, clip):
+    """With plain SGD (rate 1, no momentum) one step moves the weights by the clipped gradient."""
+    settings = TrainSettings(**{**SETTINGS, "steps": 1, "optimizer": "sgd", "momentum": 0.0, "learning_rate": 1.0,
+                                "schedule": "constant", "grad_clip": clip, "dropout": 0.0})
+    torch.manual_seed(settings.seed)
+    initial = UNet(base_channels=4, depth=2, dropout=0.0).state_dict()
+    train(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], out_dir=tmp_path,
+          settings=settings)
+    trained = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    moved = torch.sqrt(sum(((trained[k] - initial[k].float()) ** 2).sum() for k in initial)).item()
+    if clip:
+        assert moved == pytest.approx(clip, rel=1e-3)
+    else:
+        assert moved > 100 * 1e-3
+
+
 def test_missing_weight_map_is_computed(stacks, tmp_path):
     given = load_training_stack(stacks["image"], stacks["weights"], 2)
     computed = load_training_stack(stacks["image"], tmp_path / "missing.zarr", 2)
