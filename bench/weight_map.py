@@ -79,7 +79,7 @@ def main():
         print(f"(ISBI 2012 labels not found at {ISBI}; synthetic images only)")
     fast, ref = {}, {}
     for n in (50, 150, 400):
-        fast[n], ref[n] = measure(f"synthetic 512^2", synthetic(n), args.repeats)
+        fast[n], ref[n] = measure("synthetic 512^2", synthetic(n), args.repeats)
     print(f"growth 50 -> 400 cells (8x): weight_map {fast[400] / fast[50]:.2f}x, reference {ref[400] / ref[50]:.2f}x")
 
 

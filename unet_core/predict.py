@@ -187,14 +187,20 @@ def forward_memory(model: UNet, input_shape: Sequence[int], batch_size: int = 1,
     1.1-1.45x the live bytes, hence the factor.
     """
     device = torch.device(device)
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != model.ndim or min(shape) < 1:
-        raise ValueError(f"input_shape must be {model.ndim} positive lengths for this model, got {tuple(input_shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shape = _lengths(model, input_shape, "input_shape", batch_size)
     arch = _architecture(model, dtype)
     peak, _ = _walk(arch, shape, batch_size, device.type == "cpu")
     return math.ceil(int(peak) * arch.itemsize * _safety(device.type))
+
+
+def _lengths(model: UNet, shape: Sequence[int], name: str, batch_size: int) -> tuple[int, ...]:
+    """``shape`` as ints, checked: one positive length per spatial axis of ``model``, and a batch >= 1."""
+    lengths = tuple(int(s) for s in shape)
+    if len(lengths) != model.ndim or min(lengths) < 1:
+        raise ValueError(f"{name} must be {model.ndim} positive lengths for this model, got {tuple(shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return lengths
 
 
 def _memory_budget(ndim: int, device: torch.device) -> int:
@@ -232,11 +238,7 @@ def default_tile_shape(model: UNet, spatial_shape: Sequence[int], device: torch.
         When not even the smallest tile fits the budget (naming both and what to change).
     """
     device = torch.device(device)
-    spatial = tuple(int(s) for s in spatial_shape)
-    if len(spatial) != model.ndim or min(spatial) < 1:
-        raise ValueError(f"spatial_shape must be {model.ndim} positive lengths for this model, got {spatial_shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    spatial = _lengths(model, spatial_shape, "spatial_shape", batch_size)
     budget = int(memory_budget) if memory_budget is not None else _memory_budget(model.ndim, device)
     tile = _best_tile(_architecture(model), spatial, device.type, budget, batch_size)
     if isinstance(tile, tuple):
