@@ -1,5 +1,6 @@
 """Shared fixtures: tiny seeded synthetic data and the optional real data in ../shared."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,33 @@ def copy_workflow(target: Path) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def _local_slurm(command):
+    return subprocess.run(["bash", str(REPO / "scripts" / "local_slurm.sh"), command],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """Environment whose SLURM clients talk to the local one-node cluster that
+    scripts/local_slurm.sh starts (and that this fixture stops again if it started it)."""
+    state = Path(os.environ.get("SLURM_LOCAL_DIR", REPO / ".slurm-local"))
+    was_running = _local_slurm("status").returncode == 0
+    started = _local_slurm("start")
+    if started.returncode != 0:
+        pytest.fail(f"local SLURM cluster did not start:\n{started.stdout}{started.stderr}")
+    yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    if not was_running:
+        stopped = _local_slurm("stop")
+        assert stopped.returncode == 0, stopped.stderr
+
+
+def slurm(env, *args) -> str:
+    """Output of a SLURM client command (squeue, sinfo, scancel) run against ``env``'s cluster."""
+    result = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}"
+    return result.stdout
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Blockwise zarr -> zarr prediction: exact, resumable, same result on a dask cluster."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -11,6 +13,7 @@ import tifffile
 import torch
 
 from unet_core import UNet, io
+from unet_core.blocklog import finished_blocks
 from unet_core.predict import CPU_MEMORY_BUDGET, predict_image
 from test_predict import whole_image_reference
 
@@ -103,17 +106,17 @@ def test_kill_and_resume_computes_only_missing_blocks(tmp_path):
               f"predict_image({str(path)!r}, {str(image_path)!r}, {str(target)!r}, block_shape=(32, 32), "
               f"scheduler='synchronous')\n")
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
-    done = tmp_path / ".out.ome.zarr.partial" / ".done"
+    logs = tmp_path / ".out.ome.zarr.partial" / ".blocks"
     deadline = time.time() + 120
     while time.time() < deadline and child.poll() is None:
-        if done.exists() and len(list(done.iterdir())) >= total // 2:
+        if logs.exists() and len(finished_blocks(logs)) >= total // 2:
             break
         time.sleep(0.01)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL, "prediction finished before the kill: make the volume larger"
     assert not target.exists()
-    finished = len(list(done.iterdir()))
+    finished = len(finished_blocks(logs))
     assert 0 < finished < total
     summary = predict_image(path, image_path, target, block_shape=(32, 32), scheduler="synchronous")
     assert summary["resumed"] and summary["computed"] == total - finished
@@ -131,6 +134,51 @@ def test_distributed_cluster_gives_same_output(tmp_path):
             assert len(client.scheduler_info()["workers"]) == 2
             predict_image(path, image_path, tmp_path / "cluster.ome.zarr", block_shape=(32, 32),
                           scheduler="distributed")
+    np.testing.assert_array_equal(io.open_image(tmp_path / "cluster.ome.zarr").array[:],
+                                  io.open_image(tmp_path / "local.ome.zarr").array[:])
+
+
+def _executing(dask_worker):
+    return len(dask_worker.state.executing)
+
+
+def test_lost_worker_blocks_are_redone_and_logged(tmp_path, caplog):
+    """SIGKILL one busy worker process past half-way: its task runs again elsewhere, skips the
+    blocks its log holds, redoes the rest (logged), and the output equals the local scheduler's.
+    Four tasks on two workers: at 5/8 of the blocks each worker is inside its second task."""
+    distributed = pytest.importorskip("distributed")
+    _, path = _model_file(tmp_path / "m.pt")
+    data = np.random.default_rng(6).integers(0, 255, (24, 128, 128)).astype(np.uint8)
+    image_path = _image(tmp_path, data, "TYX")
+    total = predict_image(path, image_path, tmp_path / "local.ome.zarr", block_shape=(32, 32))["blocks"]
+    logs = tmp_path / ".cluster.ome.zarr.partial" / ".blocks"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            outcome = {}
+
+            def run():
+                try:
+                    outcome["summary"] = predict_image(path, image_path, tmp_path / "cluster.ome.zarr",
+                                                       block_shape=(32, 32), scheduler="distributed", partitions=4)
+                except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+                    outcome["error"] = error
+
+            runner = threading.Thread(target=run)
+            runner.start()
+            killed, deadline = None, time.time() + 120
+            while killed is None and runner.is_alive() and time.time() < deadline:
+                if logs.exists() and len(finished_blocks(logs)) >= total * 5 // 8:
+                    busy = [address for address, n in client.run(_executing).items() if n]
+                    if busy:
+                        killed = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                        os.kill(killed, signal.SIGKILL)
+                time.sleep(0.01)
+            runner.join(300)
+    assert killed is not None, "prediction finished before a worker could be killed: make the volume larger"
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"]["blocks"] == total
+    redone = [r.getMessage() for r in caplog.records if "ran again (its worker was lost): redid" in r.getMessage()]
+    assert redone, [r.getMessage() for r in caplog.records]
     np.testing.assert_array_equal(io.open_image(tmp_path / "cluster.ome.zarr").array[:],
                                   io.open_image(tmp_path / "local.ome.zarr").array[:])
 

@@ -9,43 +9,17 @@ Deselect with ``pytest -m "not slurm"``; docs/slurm.md has the details.
 """
 
 import csv
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SNAKEMAKE, copy_workflow
+from conftest import SNAKEMAKE, copy_workflow, slurm
 
 BROKEN = "broken_stack"
 TRAIN_STEPS = 40
 DEMO_RULES = {"demo_data", "ingest", "weight_map", "train", "predict", "segment", "evaluate"}
-
-
-def _cluster(repo, command):
-    return subprocess.run(["bash", str(repo / "scripts" / "local_slurm.sh"), command],
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="session")
-def slurm_env(repo):
-    """Environment whose SLURM clients talk to the local cluster; stops it if it started it."""
-    state = Path(os.environ.get("SLURM_LOCAL_DIR", repo / ".slurm-local"))
-    was_running = _cluster(repo, "status").returncode == 0
-    started = _cluster(repo, "start")
-    if started.returncode != 0:
-        pytest.fail(f"local SLURM cluster did not start:\n{started.stdout}{started.stderr}")
-    yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
-    if not was_running:
-        stopped = _cluster(repo, "stop")
-        assert stopped.returncode == 0, stopped.stderr
-
-
-def _slurm(env, *args):
-    result = subprocess.run(list(args), env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}"
-    return result.stdout
 
 
 def _sample_rows(path):
@@ -93,7 +67,7 @@ def slurm_run(slurm_env, repo, tmp_path_factory):
     assert f"steps: {TRAIN_STEPS}" in config.read_text()
 
     profile = yaml.safe_load((work / "profiles" / "slurm" / "config.yaml").read_text())
-    cpus, mem_mb = map(int, _slurm(slurm_env, "sinfo", "-h", "-N", "-o", "%c %m").split()[:2])
+    cpus, mem_mb = map(int, slurm(slurm_env, "sinfo", "-h", "-N", "-o", "%c %m").split()[:2])
     command = [SNAKEMAKE, "--profile", "profiles/slurm",
                *_fit_to_node(profile, cpus, mem_mb),
                # No slurmdbd on the local cluster: status from squeue (MinJobAge is 1 h there).
@@ -117,7 +91,7 @@ def _jobs(env, run_id):
     The plugin names every job after the run and comments it with its rule and wildcards.
     """
     fields = ("id", "state", "partition", "tres", "comment")
-    out = _slurm(env, "squeue", "--states=all", "--noheader", "--name", run_id,
+    out = slurm(env, "squeue", "--states=all", "--noheader", "--name", run_id,
                  "--Format=JobID:|,State:|,Partition:|,tres-per-job:|,Comment:")
     return [dict(zip(fields, line.split("|", 4))) for line in out.splitlines() if line.strip()]
 
@@ -189,6 +163,6 @@ def test_jobs_are_in_squeue_history(slurm_run, slurm_env):
 @pytest.mark.slurm
 def test_no_job_left_running(slurm_run, slurm_env):
     _, _, run_id = slurm_run
-    active = _slurm(slurm_env, "squeue", "--noheader", "--name", run_id,
+    active = slurm(slurm_env, "squeue", "--noheader", "--name", run_id,
                     "--states=PENDING,RUNNING,CONFIGURING,COMPLETING,SUSPENDED", "--format=%i %T %k")
     assert active == "", active

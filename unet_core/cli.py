@@ -56,9 +56,12 @@ def _train(args) -> None:
 
 def _predict(args) -> None:
     from .predict import predict_image
+    slurm = _load_config(args.slurm) if args.slurm else None
+    if slurm is not None and args.scheduler != "slurm":
+        raise SystemExit("error: --slurm needs --scheduler slurm")
     summary = predict_image(args.model, args.input, args.output, block_shape=args.block, tile_shape=args.tile,
                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                            planewise=args.planewise, scheduler=args.scheduler)
+                            planewise=args.planewise, scheduler=args.scheduler, slurm=slurm)
     print(f"{args.output}: {summary['computed']} of {summary['blocks']} blocks computed, "
           f"{summary['reused']} reused from an interrupted run")
 
@@ -125,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
     p.add_argument("--tta", action="store_true", help="average over flips/rotations")
     p.add_argument("--planewise", action="store_true", help="allow a 2D model on a z stack, slice by slice")
-    p.add_argument("--scheduler", default="threads", choices=["synchronous", "threads", "processes", "distributed"])
+    p.add_argument("--scheduler", default="threads",
+                   choices=["synchronous", "threads", "processes", "distributed", "slurm"],
+                   help="slurm: start Dask workers as SLURM jobs for this run (dask-jobqueue), see --slurm")
+    p.add_argument("--slurm", metavar="YAML", help="worker jobs of --scheduler slurm: a mapping of "
+                   "unet_core.cluster.SlurmSettings fields (partition, gpus, cores, memory, minimum_workers, ...)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
@@ -159,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .cluster import ClusterError
     from .train import TrainingInterrupted
 
     try:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stopped:
         print(f"unet-core {args.command}: {stopped}", file=sys.stderr)
         return 143
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ClusterError) as error:
         print(f"unet-core {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

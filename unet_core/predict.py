@@ -6,13 +6,17 @@ Axis order: images are numpy ``(C, *spatial)`` or ``(*spatial)``; probabilities 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
 import threading
+import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from . import io
+from . import blocklog, io
 from .model import UNet, valid_sizes
 from .tiling import axis_origins, read_reflected, tile_origins
 
@@ -48,6 +52,17 @@ _MEMORY_SAFETY = {"cpu": 1.5, "cuda": 1.2}
 _ONEDNN_MIN_ELEMENTS = 20480
 # Default block (= output chunk) edge in tile steps of the default tile.
 _BLOCK_TILES = 2
+# Per worker stream: blocks whose input is read ahead, and writes that may be pending, while the
+# model computes a block. Two reads in flight hide a storage latency up to twice the compute time.
+_READ_AHEAD = 2
+_WRITE_BEHIND = 2
+# On a dask.distributed cluster: block tasks queued or running per worker (the client never holds
+# more, whatever the volume), and the most blocks per task.
+_TASKS_PER_WORKER = 2
+_MAX_TASK_BLOCKS = 64
+_SCHEDULERS = ("synchronous", "threads", "processes", "distributed", "slurm")
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -453,7 +468,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
 @functools.lru_cache(maxsize=2)
 def _cached_model(path: str, device: str, sha256: str) -> UNet:
     """One model per worker process, device and checkpoint content (tasks of a worker share it;
-    a retrained checkpoint at the same path is a new key)."""
+    a retrained checkpoint at the same path is a new key). A worker refuses a checkpoint that is
+    not the one the run started with: blocks of two models must not mix in one output."""
+    if sha256 and io.sha256_file(path) != sha256:
+        raise ValueError(f"{path}: the checkpoint changed after this prediction started (sha256 is no longer "
+                         f"{sha256[:12]}...); rerun predict to start over with the new model")
     model, _ = load_model(path, device)
     return model.to(memory_format=_memory_format(model.ndim))
 
@@ -547,18 +566,35 @@ def _predict_block(model: UNet, job: _Job, padded: np.ndarray, size, tile) -> np
     return result
 
 
-def _done_dir(output_path: str | Path) -> Path:
-    return Path(output_path) / ".done"
+def _log_dir(partial: str | Path) -> Path:
+    """Folder of the finished-block logs (:mod:`unet_core.blocklog`) beside the partial output."""
+    return Path(partial) / ".blocks"
 
 
-def _run_blocks(job: _Job, block_ids: list[int], progress=None) -> int:
-    """Predict ``block_ids`` with reads prefetched and writes in the background; returns the count."""
+def _run_blocks(job: _Job, task: str, block_ids, progress=None) -> dict:
+    """Predict the blocks of one task, pipelined; returns what it did (see :func:`_report_task`).
+
+    Reads of the next ``_READ_AHEAD`` blocks and writes of the last ``_WRITE_BEHIND`` run in
+    background threads while the model computes, so storage stalls the model only when it is
+    slower than the model. Each block is recorded in the task's log once its chunk is written;
+    a repeated attempt of the task (its worker was lost) skips what the log holds.
+    """
+    with blocklog.TaskLog(_log_dir(job.output_path), task) as log:
+        block_ids = [int(b) for b in block_ids]
+        todo = [b for b in block_ids if b not in log.previous]
+        if progress is not None and len(todo) < len(block_ids):
+            progress(len(block_ids) - len(todo))
+        if todo:
+            _pipeline(job, todo, log, progress)
+    return {"task": task, "blocks": len(block_ids), "rerun": log.rerun, "redone": todo if log.rerun else []}
+
+
+def _pipeline(job: _Job, block_ids: list[int], log: blocklog.TaskLog, progress) -> None:
     model = _cached_model(job.model_path, job.device, job.model_sha256)
     image = io.open_image(job.image_path)
     output = zarr.open_array(Path(job.output_path) / "0", mode="r+")
     out_axes = io.canonical_axes(set(job.loop_axes) | set(job.spatial) | {"c"})
     margin = model.margin()
-    done = _done_dir(job.output_path)
 
     def write(where, origin, size, probs, block_id):
         if job.scale != 1.0:
@@ -575,24 +611,25 @@ def _run_blocks(job: _Job, block_ids: list[int], progress=None) -> int:
         order = ["c", *job.spatial]
         kept = [a for a in out_axes if a not in where]
         output[tuple(selection)] = np.transpose(probs, [order.index(a) for a in kept]).astype(output.dtype)
-        (done / str(block_id)).touch()
+        log.add(block_id)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending_writes: list = []
-        upcoming = pool.submit(_block_input, job, image, block_ids[0], margin, model) if block_ids else None
+    with ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="unet-read") as reader, \
+            ThreadPoolExecutor(_WRITE_BEHIND, thread_name_prefix="unet-write") as writer:
+        reads = collections.deque(reader.submit(_block_input, job, image, b, margin, model)
+                                  for b in block_ids[:_READ_AHEAD])
+        writes: collections.deque = collections.deque()
         for index, block_id in enumerate(block_ids):
-            where, origin, size, tile, padded = upcoming.result()
-            if index + 1 < len(block_ids):
-                upcoming = pool.submit(_block_input, job, image, block_ids[index + 1], margin, model)
+            where, origin, size, tile, padded = reads.popleft().result()
+            if index + _READ_AHEAD < len(block_ids):
+                reads.append(reader.submit(_block_input, job, image, block_ids[index + _READ_AHEAD], margin, model))
             probs = _predict_block(model, job, padded, size, tile)
-            pending_writes.append(pool.submit(write, where, origin, size, probs, block_id))
-            while len(pending_writes) > 2:
-                pending_writes.pop(0).result()
+            writes.append(writer.submit(write, where, origin, size, probs, block_id))
+            while len(writes) > _WRITE_BEHIND:
+                writes.popleft().result()
             if progress is not None:
                 progress(1)
-        for future in pending_writes:
+        for future in writes:
             future.result()
-    return len(block_ids)
 
 
 def _fingerprint(model_path: Path, image: io.Image, settings: dict) -> dict:
@@ -615,6 +652,7 @@ def predict_image(
     planewise: bool = False,
     scheduler: str = "threads",
     partitions: int | None = None,
+    slurm: dict | None = None,
 ) -> dict:
     """Blockwise overlap-tile prediction of an OME-Zarr image into an OME-Zarr of probabilities.
 
@@ -629,10 +667,14 @@ def predict_image(
     dtype : ``float16``, ``float32`` or ``uint8`` (probability x 255).
     tta : average over flips/rotations (test-time augmentation).
     planewise : allow a 2D model on an image with a z axis (predicted slice by slice).
-    scheduler : ``synchronous``, ``threads`` or ``processes`` (dask's local schedulers), or
-        ``distributed`` to use the current ``dask.distributed`` client.
-    partitions : number of dask tasks the blocks are split into (default: 1 for local
-        schedulers, where one pipelined stream keeps all cores busy; 4 per worker otherwise).
+    scheduler : ``synchronous``, ``threads`` or ``processes`` (dask's local schedulers),
+        ``distributed`` to use the current ``dask.distributed`` client, or ``slurm`` to start
+        worker jobs with dask-jobqueue for this call (:mod:`unet_core.cluster`; always closed).
+    partitions : number of tasks the blocks are split into (default: 1 for local schedulers,
+        where one pipelined stream keeps all cores busy; on a cluster, tasks of at most
+        ``_MAX_TASK_BLOCKS`` blocks, 16 per worker on small volumes). On a cluster at most
+        ``_TASKS_PER_WORKER`` tasks per worker are submitted at a time.
+    slurm : the ``slurm`` scheduler's worker jobs (:class:`unet_core.cluster.SlurmSettings` fields).
 
     Returns a summary: blocks in total, blocks computed in this call, blocks reused.
 
@@ -641,9 +683,10 @@ def predict_image(
     Each block reads its real neighbouring context from the volume (mirrored only at the
     volume border) and tiles start on the pooling grid, so the output equals whole-volume
     prediction of the mirror-padded volume. The intensity normalisation uses whole-volume
-    statistics computed once. Finished blocks are recorded beside the partial output
-    (``.<name>.partial``); an interrupted run resumes with the missing blocks only, and
-    the output is published by rename when all blocks are done.
+    statistics computed once. Finished blocks are recorded in append-only logs beside the
+    partial output (``.<name>.partial/.blocks``); an interrupted run resumes with the missing
+    blocks only, a task whose worker was lost is redone by another worker (the blocks it redid
+    are logged), and the output is published by rename when all blocks are done.
     """
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -663,8 +706,12 @@ def predict_image(
                          f"{model.in_channels}")
     if dtype not in ("float16", "float32", "uint8"):
         raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
-    if scheduler not in ("synchronous", "threads", "processes", "distributed"):
-        raise ValueError(f"scheduler must be synchronous, threads, processes or distributed, got {scheduler!r}")
+    if scheduler not in _SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(_SCHEDULERS)}, got {scheduler!r}")
+    if scheduler == "slurm":
+        from .cluster import SlurmSettings
+
+        slurm_settings = SlurmSettings.from_config(slurm)
     grid = 2**model.depth
     spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
     if tile_shape is not None:
@@ -704,17 +751,24 @@ def predict_image(
         io._create_image(partial, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks,
                          output_path.name, {"unet_core": provenance}, compressor=io.FAST_COMPRESSOR)
         (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
-        _done_dir(partial).mkdir()
+        _log_dir(partial).mkdir()
     total = int(np.prod(loop_shape + block_grid))
-    finished = {int(p.name) for p in _done_dir(partial).iterdir()}
-    todo = [b for b in range(total) if b not in finished]
+    todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = _Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
                block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, tuple(mean), tuple(std),
                scale, tta, fingerprint["model_sha256"])
-    _schedule(job, todo, scheduler, partitions, desc=f"predict {image_path.name}")
-    if len(list(_done_dir(partial).iterdir())) != total:
-        raise RuntimeError(f"{output_path}: not all blocks finished; rerun to complete the missing blocks")
-    shutil.rmtree(_done_dir(partial))
+    desc = f"predict {image_path.name}"
+    if scheduler == "slurm":
+        from .cluster import slurm_client
+
+        with slurm_client(slurm_settings) as client:
+            _schedule_distributed(client, job, todo, partitions, desc, slurm_settings.maximum_workers)
+    else:
+        _schedule(job, todo, scheduler, partitions, desc)
+    missing = total - len(blocklog.finished_blocks(_log_dir(partial)))
+    if missing:
+        raise RuntimeError(f"{output_path}: {missing} of {total} blocks did not finish; rerun to complete them")
+    shutil.rmtree(_log_dir(partial))
     (partial / ".fingerprint.json").unlink()
     if output_path.exists():
         shutil.rmtree(output_path)
@@ -744,24 +798,17 @@ def _read_fingerprint(partial: Path) -> dict | None:
         return None
 
 
-def _schedule(job: _Job, todo: list[int], scheduler: str, partitions: int | None, desc: str) -> None:
-    """Run the blocks as dask tasks, a bounded number of partitions of block ids."""
-    if not todo:
+def _schedule(job: _Job, todo: np.ndarray, scheduler: str, partitions: int | None, desc: str) -> None:
+    """Run the blocks: local schedulers get ``partitions`` tasks (default 1 pipelined stream)."""
+    if not len(todo):
         return
     if scheduler == "distributed":
         from distributed import get_client
 
-        client = get_client()
-        workers = max(len(client.scheduler_info().get("workers", {})), 1)
-        count = partitions or 4 * workers
-        chunks = [todo[i::count] for i in range(count) if todo[i::count]]
-        futures = client.map(_run_blocks, [job] * len(chunks), chunks, pure=False)
-        with tqdm(total=len(todo), desc=desc, unit="block") as bar:
-            for future in distributed_as_completed(futures):
-                bar.update(future.result())
+        _schedule_distributed(get_client(), job, todo, partitions, desc)
         return
-    count = partitions or 1
-    chunks = [todo[i::count] for i in range(count) if todo[i::count]]
+    run = uuid.uuid4().hex[:8]
+    chunks = [c for c in np.array_split(todo, partitions or 1) if len(c)]
     with tqdm(total=len(todo), desc=desc, unit="block") as bar:
         lock = threading.Lock()
 
@@ -769,14 +816,82 @@ def _schedule(job: _Job, todo: list[int], scheduler: str, partitions: int | None
             with lock:
                 bar.update(n)
 
-        tasks = [dask.delayed(_run_blocks)(job, chunk, progress if scheduler != "processes" else None)
-                 for chunk in chunks]
-        dask.compute(*tasks, scheduler=scheduler)
+        tasks = [dask.delayed(_run_blocks)(job, f"{run}-{k}", chunk, progress if scheduler != "processes" else None)
+                 for k, chunk in enumerate(chunks)]
+        results = dask.compute(*tasks, scheduler=scheduler)
         if scheduler == "processes":
             bar.update(len(todo))
+    for result in results:
+        _report_task(result)
 
 
-def distributed_as_completed(futures):
+def _schedule_distributed(client, job: _Job, todo: np.ndarray, partitions: int | None, desc: str,
+                          expected_workers: int = 1) -> None:
+    """Submit the blocks as tasks of consecutive ids, at most ``_TASKS_PER_WORKER`` per worker at a time.
+
+    The client holds the array of block ids to do and the futures in flight, never a graph or
+    futures for the whole volume. A task whose worker is lost is rerun by dask on another
+    worker; its log tells it which blocks are already written (:func:`_report_task`).
+    """
+    if not len(todo):
+        return
     from distributed import as_completed
 
-    return as_completed(futures)
+    def workers() -> int:
+        return max(len(client.scheduler_info().get("workers", {})), 1)
+
+    count = workers()
+    if partitions:
+        per_task = -(-len(todo) // partitions)
+    else:
+        per_task = min(_MAX_TASK_BLOCKS, max(1, len(todo) // (16 * max(count, expected_workers))))
+    run = uuid.uuid4().hex[:8]
+    starts = iter(range(0, len(todo), per_task))
+    in_flight: dict = {}
+    pending = as_completed()
+
+    def submit() -> bool:
+        start = next(starts, None)
+        if start is None:
+            return False
+        task = f"{run}-{start // per_task}"
+        future = client.submit(_run_blocks, job, task, todo[start:start + per_task], key=f"unet-blocks-{task}",
+                               pure=False)
+        in_flight[future] = task
+        pending.add(future)
+        return True
+
+    # Enough tasks for the workers expected (adaptive SLURM jobs start as work is queued).
+    limit, checked = _TASKS_PER_WORKER * max(count, expected_workers), time.monotonic()
+    while len(in_flight) < limit and submit():
+        pass
+    with tqdm(total=len(todo), desc=desc, unit="block") as bar:
+        try:
+            for future in pending:
+                task = in_flight.pop(future)
+                try:
+                    result = future.result()
+                except Exception:
+                    _LOG.error("%s: block task %s failed; rerun to resume from the finished blocks", desc, task)
+                    raise
+                future.release()
+                bar.update(result["blocks"])
+                _report_task(result)
+                if time.monotonic() - checked > 1.0:  # workers come and go (adaptive SLURM jobs)
+                    limit, checked = _TASKS_PER_WORKER * max(workers(), expected_workers), time.monotonic()
+                while len(in_flight) < limit and submit():
+                    pass
+        finally:
+            if in_flight:
+                client.cancel(list(in_flight))
+
+
+def _report_task(result: dict) -> None:
+    """Log the blocks that a repeated attempt of a task (its worker was lost) had to compute again."""
+    if result["rerun"]:
+        if result["redone"]:
+            _LOG.warning("block task %s ran again (its worker was lost): redid %d block(s): %s", result["task"],
+                         len(result["redone"]), blocklog.ranges(result["redone"]))
+        else:
+            _LOG.warning("block task %s ran again (its worker was lost): all %d block(s) were already written",
+                         result["task"], result["blocks"])
