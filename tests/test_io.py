@@ -480,6 +480,24 @@ def test_intensity_statistics(tmp_path):
     json.dumps(image.attrs)
 
 
+def test_intensity_statistics_of_a_large_volume_come_from_evenly_spread_chunks(tmp_path):
+    """Above max_chunks, the statistics are exactly those of the sampled chunks (here every other
+    chunk of a volume whose halves differ), per channel."""
+    rng = np.random.default_rng(1)
+    data = np.stack([rng.normal(100, 10, (8, 16, 16)), rng.normal(5, 2, (8, 16, 16))], axis=1)  # z, c, y, x
+    data[4:] += 50
+    data = data.astype(np.float32)
+    tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": "ZCYX"}, photometric="minisblack")
+    image = io.open_image(io.ingest(tmp_path / "in.tif", tmp_path / "o.ome.zarr", axes="zcyx", chunks=(1, 1, 16, 16)))
+    assert image.axes == "czyx" and image.array.nchunks == 16  # 8 z chunks x 2 channels
+    mean, std = io.intensity_statistics(image, max_chunks=4)
+    sample = data[[0, 2, 5, 7]].astype(np.float64)  # np.linspace(0, 7, 4).round() = 0, 2, 5, 7
+    np.testing.assert_allclose(mean, sample.mean(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_allclose(std, sample.std(axis=(0, 2, 3)), rtol=1e-9)
+    whole_mean, whole_std = io.intensity_statistics(image)
+    np.testing.assert_allclose(whole_mean, data.mean(axis=(0, 2, 3)), rtol=1e-6)
+
+
 def test_subset_ingests_a_range_of_slices_with_its_labels(tmp_path):
     data = np.arange(6 * 8 * 10, dtype=np.uint16).reshape(6, 8, 10)
     labels = (np.arange(6 * 8 * 10).reshape(6, 8, 10) % 7).astype(np.uint16)

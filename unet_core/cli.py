@@ -66,6 +66,14 @@ def _predict(args) -> None:
           f"{summary['reused']} reused from an interrupted run")
 
 
+def _plan(args) -> None:
+    from .plan import plan_prediction
+    plan = plan_prediction(args.model, args.input, workers=args.workers, block_shape=args.block, tile_shape=args.tile,
+                           batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
+                           planewise=not args.no_planewise)
+    print(plan.text())
+
+
 def _segment(args) -> None:
     from .segment import segment_image
     segment_image(args.input, args.output, threshold=args.threshold, min_size=args.min_size)
@@ -137,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("plan", help="blocks, bytes and expected wall time of a prediction (calibrated here)")
+    p.add_argument("--input", required=True, help="OME-Zarr image (only its metadata and a few blocks are read)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--workers", type=int, default=1, help="workers (GPUs) the run will have")
+    p.add_argument("--tile", type=_ints, help="output tile shape")
+    p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--no-planewise", action="store_true", help="refuse a 2D model on a z stack")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", help="device to calibrate on (default: CUDA when available)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"])
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("segment", help="probabilities -> instance labels")
     p.add_argument("input")

@@ -691,19 +691,6 @@ def predict_image(
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(model_path, "cpu")
-    image = io.open_image(image_path)
-    spatial = "yx" if model.ndim == 2 else "zyx"
-    if not set(spatial) <= set(image.axes):
-        raise ValueError(f"{image_path}: a {model.ndim}D model needs axes {spatial!r}, the image has {image.axes!r}")
-    if model.ndim == 2 and "z" in image.axes and not planewise:
-        raise ValueError(
-            f"{image_path}: a 2D model cannot predict the 3D volume (axes {image.axes!r}) of {model_path}; "
-            f"set planewise (predict.planewise: true) to predict it slice by slice, or train a 3D model"
-        )
-    channels = image.shape[image.axes.index("c")] if "c" in image.axes else 1
-    if channels != model.in_channels:
-        raise ValueError(f"{image_path}: image has {channels} channel(s), the model {model_path} expects "
-                         f"{model.in_channels}")
     if dtype not in ("float16", "float32", "uint8"):
         raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
     if scheduler not in _SCHEDULERS:
@@ -712,29 +699,11 @@ def predict_image(
         from .cluster import SlurmSettings
 
         slurm_settings = SlurmSettings.from_config(slurm)
-    grid = 2**model.depth
-    spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
-    if tile_shape is not None:
-        model.input_shape_for(tuple(tile_shape))
-    if block_shape is None:
-        block_shape = _default_block_shape(model, spatial_shape, device, tile_shape, batch_size)
-    block_shape = tuple(int(b) for b in block_shape)
-    if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
-        raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
-                         f"(2**depth, the pooling grid), e.g. {(32 * grid,) * model.ndim}, or None for the default "
-                         f"(two tile steps per axis)")
-    if tile_shape is None:  # fail here, not in a worker, when no tile fits the memory budget
-        default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
-                           batch_size=batch_size)
-    loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
-    loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
-    block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
+    layout = _layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
+    image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
+    loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
     mean, std = io.intensity_statistics(image)
     scale = 255.0 if dtype == "uint8" else 1.0
-    out_axes = io.canonical_axes(set(image.axes) | {"c"})
-    out_shape = [model.n_classes if a == "c" else image.shape[image.axes.index(a)] for a in out_axes]
-    chunks = [model.n_classes if a == "c" else 1 if a in loop_axes else block_shape[spatial.index(a)]
-              for a in out_axes]
     settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype,
                 "tta": tta, "mean": mean, "std": std}
     fingerprint = _fingerprint(model_path, image, settings)
@@ -748,11 +717,10 @@ def predict_image(
                       "normalization": {"method": "zscore", "mean": mean, "std": std},
                       "block_shape": list(block_shape), "tta": tta}
         partial.mkdir(parents=True)
-        io._create_image(partial, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks,
-                         output_path.name, {"unet_core": provenance}, compressor=io.FAST_COMPRESSOR)
+        _create_output(partial, model, layout, dtype, output_path.name, {"unet_core": provenance})
         (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
         _log_dir(partial).mkdir()
-    total = int(np.prod(loop_shape + block_grid))
+    total = layout.blocks
     todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = _Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
                block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, tuple(mean), tuple(std),
@@ -774,6 +742,70 @@ def predict_image(
         shutil.rmtree(output_path)
     os.rename(partial, output_path)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the blocks of an image lie: spatial axes, block shape and grid, loop axes (t, or z planewise)."""
+
+    image: io.Image
+    spatial: str
+    spatial_shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    loop_axes: tuple[str, ...]
+    loop_shape: tuple[int, ...]
+    block_grid: tuple[int, ...]
+
+    @property
+    def blocks(self) -> int:
+        return int(np.prod(self.loop_shape + self.block_grid, dtype=np.int64))
+
+
+def _layout(model: UNet, model_path: Path, image_path: Path, block_shape, tile_shape, device: str, batch_size: int,
+            planewise: bool) -> _Layout:
+    """Check that ``model`` can predict the image and place its blocks (metadata only)."""
+    image = io.open_image(image_path)
+    spatial = "yx" if model.ndim == 2 else "zyx"
+    if not set(spatial) <= set(image.axes):
+        raise ValueError(f"{image_path}: a {model.ndim}D model needs axes {spatial!r}, the image has {image.axes!r}")
+    if model.ndim == 2 and "z" in image.axes and not planewise:
+        raise ValueError(
+            f"{image_path}: a 2D model cannot predict the 3D volume (axes {image.axes!r}) of {model_path}; "
+            f"set planewise (predict.planewise: true) to predict it slice by slice, or train a 3D model"
+        )
+    channels = image.shape[image.axes.index("c")] if "c" in image.axes else 1
+    if channels != model.in_channels:
+        raise ValueError(f"{image_path}: image has {channels} channel(s), the model {model_path} expects "
+                         f"{model.in_channels}")
+    grid = 2**model.depth
+    spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
+    if tile_shape is not None:
+        model.input_shape_for(tuple(tile_shape))
+    if block_shape is None:
+        block_shape = _default_block_shape(model, spatial_shape, device, tile_shape, batch_size)
+    block_shape = tuple(int(b) for b in block_shape)
+    if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
+        raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
+                         f"(2**depth, the pooling grid), e.g. {(32 * grid,) * model.ndim}, or None for the default "
+                         f"(two tile steps per axis)")
+    if tile_shape is None:  # fail here, not in a worker, when no tile fits the memory budget
+        default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
+                           batch_size=batch_size)
+    loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
+    loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
+    block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
+    return _Layout(image, spatial, spatial_shape, block_shape, loop_axes, loop_shape, block_grid)
+
+
+def _create_output(path: Path, model: UNet, layout: _Layout, dtype: str, name: str, attributes: dict) -> None:
+    """The empty probability image: the image's axes and one channel per class, chunk = block."""
+    image = layout.image
+    out_axes = io.canonical_axes(set(image.axes) | {"c"})
+    out_shape = [model.n_classes if a == "c" else image.shape[image.axes.index(a)] for a in out_axes]
+    chunks = [model.n_classes if a == "c" else 1 if a in layout.loop_axes else layout.block_shape[layout.spatial.index(a)]
+              for a in out_axes]
+    io._create_image(path, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks, name, attributes,
+                     compressor=io.FAST_COMPRESSOR)
 
 
 def _default_block_shape(model: UNet, spatial_shape: Sequence[int], device: str | torch.device,

@@ -21,5 +21,7 @@ rule predict:
         planewise=config["predict"]["planewise"],
         batch_size=config["predict"]["batch_size"],
         dtype=config["predict"]["dtype"],
+        scheduler=config["predict"]["scheduler"],
+        slurm=config["predict"]["slurm"],
     script:
         "../scripts/predict.py"

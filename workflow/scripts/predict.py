@@ -20,6 +20,8 @@ def main(snakemake):
             dtype=snakemake.params.dtype,
             tta=snakemake.params.tta,
             planewise=snakemake.params.planewise,
+            scheduler=snakemake.params.scheduler,
+            slurm=dict(snakemake.params.slurm) if snakemake.params.scheduler == "slurm" else None,
         )
 
 

@@ -1,0 +1,163 @@
+"""Plan a blockwise prediction before running it: blocks, bytes and the expected wall time.
+
+:func:`plan_prediction` reads only the image's metadata (a terabyte volume answers in seconds),
+places the blocks exactly as :func:`unet_core.predict.predict_image` would, and calibrates on
+this machine's device: it runs the real block pipeline (read with context, normalise, tiles
+through the model, write) on a few full-size blocks into a temporary output, and times the
+intensity-statistics pass that a run starts with. The estimate is
+
+    statistics + start-up + (tile passes of all blocks / tile passes of a full block)
+                            x (seconds per full block) / workers
+
+Tile passes count the overlap tiles of each block (edge blocks are smaller and need fewer), so
+the estimate follows the volume's shape, not just its voxel count. Run it on a node of the kind
+the workers get (e.g. ``srun --gpus=1 unet-core plan ...``): the calibration measures the device
+it runs on.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .predict import (_create_output, _Job, _layout, _run_blocks, default_tile_shape, load_model)
+from .tiling import axis_origins
+
+__all__ = ["Plan", "plan_prediction"]
+
+_CALIBRATION_BLOCKS = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a prediction of one image costs (see :func:`plan_prediction`)."""
+
+    image: str
+    device: str
+    workers: int
+    shape: tuple[int, ...]
+    axes: str
+    block_shape: tuple[int, ...]
+    tile_shape: tuple[int, ...]
+    blocks: int
+    voxels: int
+    input_bytes: int
+    output_bytes: int
+    seconds_per_block: float  # a full block, measured (pipelined: read, model, write)
+    block_seconds: float  # all blocks on one worker
+    statistics_seconds: float
+    startup_seconds: float
+    calibration_blocks: int
+
+    @property
+    def wall_seconds(self) -> float:
+        """Expected wall time on ``workers`` workers."""
+        return self.statistics_seconds + self.startup_seconds + self.block_seconds / self.workers
+
+    def text(self) -> str:
+        gib = 2**30
+        return "\n".join([
+            f"plan for {self.image} on {self.device}, {self.workers} worker(s)",
+            f"  volume       {self.shape} {self.axes}: {self.voxels:,} voxels, {self.input_bytes / gib:,.2f} GiB in, "
+            f"{self.output_bytes / gib:,.2f} GiB out (uncompressed)",
+            f"  blocks       {self.blocks:,} of {self.block_shape}, tiles {self.tile_shape}",
+            f"  calibration  {self.seconds_per_block:.3f} s per full block ({self.calibration_blocks} blocks, "
+            f"read + model + write, pipelined)",
+            f"  statistics   {self.statistics_seconds:.1f} s; start-up {self.startup_seconds:.1f} s",
+            f"  expected     {_duration(self.wall_seconds)} wall time on {self.workers} worker(s) "
+            f"({_duration(self.block_seconds)} of block work)",
+        ])
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _passes(layout, tile: tuple[int, ...], grid: int) -> tuple[int, int]:
+    """Tile passes of all blocks, and of one full block."""
+    per_axis_total, per_axis_full = [], []
+    for size, block, t in zip(layout.spatial_shape, layout.block_shape, tile):
+        lengths = [min(block, size - start) for start in range(0, size, block)]
+        per_axis_total.append(sum(len(axis_origins(n, t, grid)) for n in lengths))
+        per_axis_full.append(len(axis_origins(min(block, size), t, grid)))
+    loops = math.prod(layout.loop_shape)
+    return loops * math.prod(per_axis_total), math.prod(per_axis_full)
+
+
+def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: int = 1,
+                    block_shape=None, tile_shape=None, batch_size: int = 1, device: str | None = None,
+                    dtype: str = "float16", tta: bool = False, planewise: bool = True,
+                    calibration_blocks: int = _CALIBRATION_BLOCKS) -> Plan:
+    """Blocks, bytes and expected wall time of ``predict_image`` with these settings.
+
+    Raises the errors ``predict_image`` would raise for this model and image.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if dtype not in ("float16", "float32", "uint8"):
+        raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
+    model_path, image_path = Path(model_path), Path(image_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    model, _ = load_model(model_path, "cpu")
+    layout = _layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
+    image = layout.image
+    full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
+    tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, full, device, batch_size=batch_size)
+    startup = time.perf_counter() - started
+
+    began = time.perf_counter()
+    mean, std = io.intensity_statistics(image)
+    statistics = time.perf_counter() - began
+
+    # Calibration: full blocks spread over the volume, the first one a warm-up (model load, caches).
+    picks = _calibration_ids(layout, calibration_blocks + 1)
+    with tempfile.TemporaryDirectory(prefix="unet-plan-") as scratch:
+        output = Path(scratch) / "plan.ome.zarr"
+        output.mkdir()
+        _create_output(output, model, layout, dtype, output.name, {})
+        (output / ".blocks").mkdir()
+        job = _Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
+                   layout.block_shape, layout.block_grid, tile, batch_size, device, tuple(mean), tuple(std),
+                   255.0 if dtype == "uint8" else 1.0, tta, "")
+        # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
+        # differently: 10-15 % slower passes, docs/predict.md).
+        with ThreadPoolExecutor(1) as thread:
+            began = time.perf_counter()
+            thread.submit(_run_blocks, job, "warm-up", picks[:1]).result()
+            startup += time.perf_counter() - began
+            timed = picks[1:] if len(picks) > 1 else picks  # a one-block image: that block once more
+            began = time.perf_counter()
+            thread.submit(_run_blocks, job, "calibration", timed).result()
+            per_block = (time.perf_counter() - began) / len(timed)
+    startup = max(startup - per_block, 0.0)  # the warm-up block itself is counted with the blocks
+
+    total_passes, full_passes = _passes(layout, tile, 2**model.depth)
+    voxels = math.prod(layout.loop_shape) * math.prod(layout.spatial_shape)
+    out_itemsize = np.dtype(dtype).itemsize
+    return Plan(image=str(image_path), device=str(device), workers=workers, shape=tuple(image.shape),
+                axes=image.axes, block_shape=layout.block_shape, tile_shape=tile, blocks=layout.blocks,
+                voxels=voxels, input_bytes=int(image.array.nbytes), output_bytes=voxels * model.n_classes * out_itemsize,
+                seconds_per_block=per_block, block_seconds=per_block * total_passes / full_passes,
+                statistics_seconds=statistics, startup_seconds=startup, calibration_blocks=len(timed))
+
+
+def _calibration_ids(layout, count: int) -> np.ndarray:
+    """Ids of ``count`` blocks of the full block shape (no axis cut by the image border) spread
+    evenly over the volume; where every block is cut (a small image), the first ones."""
+    counts = tuple(s // b if s >= b else 1 for s, b in zip(layout.spatial_shape, layout.block_shape))
+    shape = tuple(layout.loop_shape) + counts
+    flat = np.unique(np.linspace(0, math.prod(shape) - 1, count).round().astype(np.int64))
+    return np.ravel_multi_index(np.unravel_index(flat, shape), tuple(layout.loop_shape) + tuple(layout.block_grid))
