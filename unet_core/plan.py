@@ -6,17 +6,19 @@ this machine's device: it runs the real block pipeline (read with context, norma
 through the model, write) on a few full-size blocks into a temporary output, and times the
 intensity-statistics pass that a run starts with. The estimate is
 
-    statistics + start-up + (tile passes of all blocks / tile passes of a full block)
+    statistics + start-up + (work of all blocks / work of a full block)
                             x (seconds per full block) / workers
 
-Tile passes count the overlap tiles of each block (edge blocks are smaller and need fewer), so
-the estimate follows the volume's shape, not just its voxel count. Run it on a node of the kind
+Work is counted per block size (border blocks are smaller and get their own default tile): tiles
+times multiply-accumulates per pass, so the estimate follows the volume's shape, not just its
+voxel count. Run it on a node of the kind
 the workers get (e.g. ``srun --gpus=1 unet-core plan ...``): the calibration measures the device
 it runs on.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -28,12 +30,17 @@ import numpy as np
 import torch
 
 from . import io
-from .predict import (_create_output, _Job, _layout, _run_blocks, default_tile_shape, load_model)
+from .predict import (_architecture, _create_output, _Job, _layout, _run_blocks, _walk, default_tile_shape,
+                      load_model)
 from .tiling import axis_origins
 
 __all__ = ["Plan", "plan_prediction"]
 
+# Full blocks timed for the calibration: at least this many, and more (up to the maximum) while
+# they take under _CALIBRATION_SECONDS in all; a single noisy block then does not set the estimate.
 _CALIBRATION_BLOCKS = 3
+_CALIBRATION_SECONDS = 3.0
+_MAX_CALIBRATION_BLOCKS = 16
 
 
 @dataclass(frozen=True)
@@ -85,15 +92,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _passes(layout, tile: tuple[int, ...], grid: int) -> tuple[int, int]:
-    """Tile passes of all blocks, and of one full block."""
-    per_axis_total, per_axis_full = [], []
-    for size, block, t in zip(layout.spatial_shape, layout.block_shape, tile):
-        lengths = [min(block, size - start) for start in range(0, size, block)]
-        per_axis_total.append(sum(len(axis_origins(n, t, grid)) for n in lengths))
-        per_axis_full.append(len(axis_origins(min(block, size), t, grid)))
-    loops = math.prod(layout.loop_shape)
-    return loops * math.prod(per_axis_total), math.prod(per_axis_full)
+def _relative_work(model, layout, tile_shape, device: str, batch_size: int) -> float:
+    """Work of all blocks in units of one full block: per block size (interior and border blocks
+    differ per axis), tiles x multiply-accumulates of a pass, with the tile predict would use."""
+    grid = 2**model.depth
+    arch = _architecture(model)
+
+    def work(size):
+        tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, size, device, batch_size=batch_size)
+        passes = math.prod(len(axis_origins(n, t, grid)) for n, t in zip(size, tile))
+        _, macs = _walk(arch, model.input_shape_for(tile), batch_size, torch.device(device).type == "cpu")
+        return passes * macs
+
+    per_axis = []  # (length, how many blocks have it) per axis
+    for size, block in zip(layout.spatial_shape, layout.block_shape):
+        full, rest = divmod(size, block)
+        per_axis.append([(block, full)] * bool(full) + [(rest, 1)] * bool(rest))
+    full = work(tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape)))
+    total = sum(math.prod(count for _, count in combo) * work(tuple(n for n, _ in combo))
+                for combo in itertools.product(*per_axis))
+    return math.prod(layout.loop_shape) * total / full
 
 
 def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: int = 1,
@@ -123,7 +141,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     statistics = time.perf_counter() - began
 
     # Calibration: full blocks spread over the volume, the first one a warm-up (model load, caches).
-    picks = _calibration_ids(layout, calibration_blocks + 1)
+    picks = _calibration_ids(layout, 1)
     with tempfile.TemporaryDirectory(prefix="unet-plan-") as scratch:
         output = Path(scratch) / "plan.ome.zarr"
         output.mkdir()
@@ -133,24 +151,36 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
                    layout.block_shape, layout.block_grid, tile, batch_size, device, tuple(mean), tuple(std),
                    255.0 if dtype == "uint8" else 1.0, tta, "")
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
-        # differently: 10-15 % slower passes, docs/predict.md).
+        # differently: 10-15 % slower passes, docs/predict.md). The blocks' cadence is timed from
+        # the first computed block to the last: the steady state of the pipeline, whose first read
+        # and last write a run pays once (counted in the start-up).
+        done = []
         with ThreadPoolExecutor(1) as thread:
             began = time.perf_counter()
             thread.submit(_run_blocks, job, "warm-up", picks[:1]).result()
-            startup += time.perf_counter() - began
-            timed = picks[1:] if len(picks) > 1 else picks  # a one-block image: that block once more
+            warm_up = time.perf_counter() - began
+            startup += warm_up
+            # at least calibration_blocks, more while they take under _CALIBRATION_SECONDS together
+            count = min(max(calibration_blocks, math.ceil(_CALIBRATION_SECONDS / max(warm_up, 1e-3))),
+                        _MAX_CALIBRATION_BLOCKS)
+            timed = _calibration_ids(layout, count)
             began = time.perf_counter()
-            thread.submit(_run_blocks, job, "calibration", timed).result()
-            per_block = (time.perf_counter() - began) / len(timed)
+            thread.submit(_run_blocks, job, "calibration", timed, lambda n: done.append(time.perf_counter())).result()
+            ended = time.perf_counter()
+    if len(done) > 1:  # the median interval: one noisy block does not set the estimate
+        per_block = float(np.median(np.diff(done)))
+        startup += max((ended - began) - per_block * len(done), 0.0)  # the pipeline's fill and drain
+    else:
+        per_block = ended - began
     startup = max(startup - per_block, 0.0)  # the warm-up block itself is counted with the blocks
 
-    total_passes, full_passes = _passes(layout, tile, 2**model.depth)
     voxels = math.prod(layout.loop_shape) * math.prod(layout.spatial_shape)
     out_itemsize = np.dtype(dtype).itemsize
     return Plan(image=str(image_path), device=str(device), workers=workers, shape=tuple(image.shape),
                 axes=image.axes, block_shape=layout.block_shape, tile_shape=tile, blocks=layout.blocks,
                 voxels=voxels, input_bytes=int(image.array.nbytes), output_bytes=voxels * model.n_classes * out_itemsize,
-                seconds_per_block=per_block, block_seconds=per_block * total_passes / full_passes,
+                seconds_per_block=per_block,
+                block_seconds=per_block * _relative_work(model, layout, tile_shape, device, batch_size),
                 statistics_seconds=statistics, startup_seconds=startup, calibration_blocks=len(timed))
 
 
