@@ -151,9 +151,9 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
                    layout.block_shape, layout.block_grid, tile, batch_size, device, tuple(mean), tuple(std),
                    255.0 if dtype == "uint8" else 1.0, tta, "")
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
-        # differently: 10-15 % slower passes, docs/predict.md). The blocks' cadence is timed from
-        # the first computed block to the last: the steady state of the pipeline, whose first read
-        # and last write a run pays once (counted in the start-up).
+        # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
+        # interval between computed blocks: the pipeline's steady state. Its first read and last
+        # write, which a run pays once, go to the start-up.
         done = []
         with ThreadPoolExecutor(1) as thread:
             began = time.perf_counter()
