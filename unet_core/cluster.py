@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import getpass
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 __all__ = ["SlurmSettings", "slurm_client", "Terminated", "ClusterError"]
 
 _LOG = logging.getLogger(__name__)
+_JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ClusterError(RuntimeError):
@@ -76,6 +78,14 @@ class SlurmSettings:
             raise ValueError(f"predict.slurm: unknown setting(s) {unknown}; known: {sorted(names)}")
         if "job_directives" in section:
             section["job_directives"] = tuple(section["job_directives"] or ())
+        # The values end up in a shell script (#SBATCH lines and the worker command): one line each.
+        for name, value in section.items():
+            for text in (value if isinstance(value, tuple) else (value,)):
+                if isinstance(text, str) and not text.isprintable():
+                    raise ValueError(f"predict.slurm.{name}: {text!r} holds a line break or control character")
+        if section.get("job_name") is not None and not _JOB_NAME.fullmatch(str(section["job_name"])):
+            raise ValueError(f"predict.slurm.job_name: {section['job_name']!r} must be letters, digits, '-', '_' "
+                             f"or '.' (at most 64)")
         settings = cls(**section)
         if not 1 <= settings.minimum_workers <= settings.maximum_workers:
             raise ValueError(f"predict.slurm: need 1 <= minimum_workers <= maximum_workers, got "
