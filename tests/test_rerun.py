@@ -131,3 +131,12 @@ def test_code_only_change_reruns_nothing(night):
         assert _planned(night) == set()
     finally:
         script.write_text(original)
+
+
+@pytest.mark.slow
+def test_switching_to_the_slurm_scheduler_reruns_nothing(night, tmp_path):
+    """Who computes the blocks (predict.scheduler, predict.slurm) is not what they hold: no stack
+    is predicted again. Only the report, which shows the run's config, is rewritten."""
+    override = tmp_path / "cluster.yaml"
+    override.write_text("predict: {scheduler: slurm, slurm: {maximum_workers: 32, memory: 64GB}}\n")
+    assert _planned(night, "--configfile", "config/config.yaml", str(override)) == REPORT

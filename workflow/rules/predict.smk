@@ -14,6 +14,9 @@ rule predict:
     threads: 64
     resources:
         gpu=1,
+    # Not params: predict.scheduler and predict.slurm say who computes the blocks, not what they
+    # hold, so changing them must not rerun finished stacks (rerun-triggers include params); the
+    # script reads them from the config.
     params:
         tile=config["predict"]["tile"],
         block=config["predict"]["block"],
@@ -21,7 +24,5 @@ rule predict:
         planewise=config["predict"]["planewise"],
         batch_size=config["predict"]["batch_size"],
         dtype=config["predict"]["dtype"],
-        scheduler=config["predict"]["scheduler"],
-        slurm=config["predict"]["slurm"],
     script:
         "../scripts/predict.py"

@@ -10,6 +10,7 @@ def main(snakemake):
     with logged(snakemake):
         torch.set_num_threads(snakemake.threads)
         tile, block = snakemake.params.tile, snakemake.params.block
+        scheduler = snakemake.config["predict"]["scheduler"]
         predict_image(
             snakemake.input.model[0],
             snakemake.input.zarr,
@@ -20,8 +21,8 @@ def main(snakemake):
             dtype=snakemake.params.dtype,
             tta=snakemake.params.tta,
             planewise=snakemake.params.planewise,
-            scheduler=snakemake.params.scheduler,
-            slurm=dict(snakemake.params.slurm) if snakemake.params.scheduler == "slurm" else None,
+            scheduler=scheduler,
+            slurm=dict(snakemake.config["predict"]["slurm"]) if scheduler == "slurm" else None,
         )
 
 
