@@ -128,7 +128,7 @@ def _terabyte_fraction(per_block_s: float, gpu_tmacs: float) -> None:
     side = 10_000  # 10^4 planes of 10^4 x 10^4 uint8 = 1 TB
     tile = default_tile_shape(paper, (side, side), "cuda", memory_budget=budget)
     grid = 2**paper.depth
-    block = tuple(min(predict_module._BLOCK_TILES * (t // grid) * grid, side) for t in tile)
+    block = predict_module._default_block_shape(paper, (side, side), "cuda", tile_shape=tile)
     per_plane = math.prod(-(-side // b) for b in block)
     blocks = side * per_plane
     arch = predict_module._architecture(paper)
@@ -186,7 +186,7 @@ def latency(blocks: int, compute_ms: float, tmp_root: Path) -> None:
     print(f"(latency) one stream, stand-in model of {compute_ms:g} ms per block, {blocks} blocks of 64x64")
     tmp = Path(tempfile.mkdtemp(prefix="unet-latency-", dir=tmp_root))
     try:
-        _model(tmp / "m.pt")
+        margin = _model(tmp / "m.pt").margin()
         planes = -(-blocks // (PLANE // BLOCK // 10) ** 2)
         data = np.random.default_rng(0).integers(0, 255, (planes, PLANE // 10, PLANE // 10)).astype(np.uint8)
         with io.atomic_image(tmp / "latency.ome.zarr", "tyx", data.shape, dtype="uint8", scale=(1, 1, 1),
@@ -201,15 +201,16 @@ def latency(blocks: int, compute_ms: float, tmp_root: Path) -> None:
         print(f"  pipelined, no added latency:         {fast:7.1f} blocks/s ({blocks} blocks)")
         print(f"  pipelined, +{compute_ms:g} ms per read:         {slow:7.1f} blocks/s")
         print(f"  ratio {slow / fast:.3f} (goal >= 0.8)")
-        serial = _serial_throughput(blocks, compute, tmp, data)
+        serial = _serial_throughput(blocks, compute, tmp, data, margin)
         print(f"  unpipelined (read, then compute), +{compute_ms:g} ms per read: {serial:7.1f} blocks/s, "
               f"ratio {serial / fast:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _serial_throughput(blocks: int, compute_s: float, tmp: Path, data: np.ndarray) -> float:
-    """The same blocks with the read latency and the compute one after the other."""
+def _serial_throughput(blocks: int, compute_s: float, tmp: Path, data: np.ndarray, margin: int) -> float:
+    """The same blocks (their input with the model's margin) with the read latency and the
+    compute one after the other."""
     image = io.open_image(tmp / "latency.ome.zarr")
     began = time.perf_counter()
     per_plane = (data.shape[1] // BLOCK) * (data.shape[2] // BLOCK)
@@ -217,7 +218,8 @@ def _serial_throughput(blocks: int, compute_s: float, tmp: Path, data: np.ndarra
         t, rest = divmod(block_id, per_plane)
         y, x = divmod(rest, data.shape[2] // BLOCK)
         time.sleep(compute_s)  # the added read latency
-        _ = image.array[t, max(y * BLOCK - 92, 0):y * BLOCK + BLOCK + 92, max(x * BLOCK - 92, 0):x * BLOCK + BLOCK + 92]
+        _ = image.array[t, max(y * BLOCK - margin, 0):(y + 1) * BLOCK + margin,
+                        max(x * BLOCK - margin, 0):(x + 1) * BLOCK + margin]
         time.sleep(compute_s)  # the stand-in compute
     return blocks / (time.perf_counter() - began)
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from . import io
-from .predict import (_architecture, _create_output, _Job, _layout, _run_blocks, _walk, default_tile_shape,
-                      load_model)
+from .predict import (_architecture, _create_output, _Job, _layout, _probability_scale, _run_blocks, _walk,
+                      default_tile_shape, load_model)
 from .tiling import axis_origins
 
 __all__ = ["Plan", "plan_prediction"]
@@ -124,8 +124,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if dtype not in ("float16", "float32", "uint8"):
-        raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
+    scale = _probability_scale(dtype)
     model_path, image_path = Path(model_path), Path(image_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -149,7 +148,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         (output / ".blocks").mkdir()
         job = _Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
                    layout.block_shape, layout.block_grid, tile, batch_size, device, tuple(mean), tuple(std),
-                   255.0 if dtype == "uint8" else 1.0, tta, "")
+                   scale, tta, "")
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
         # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
         # interval between computed blocks: the pipeline's steady state. Its first read and last

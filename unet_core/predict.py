@@ -691,8 +691,7 @@ def predict_image(
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(model_path, "cpu")
-    if dtype not in ("float16", "float32", "uint8"):
-        raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
+    scale = _probability_scale(dtype)
     if scheduler not in _SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(_SCHEDULERS)}, got {scheduler!r}")
     if scheduler == "slurm":
@@ -703,7 +702,6 @@ def predict_image(
     image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
     loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
     mean, std = io.intensity_statistics(image)
-    scale = 255.0 if dtype == "uint8" else 1.0
     settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype,
                 "tta": tta, "mean": mean, "std": std}
     fingerprint = _fingerprint(model_path, image, settings)
@@ -742,6 +740,13 @@ def predict_image(
         shutil.rmtree(output_path)
     os.rename(partial, output_path)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+def _probability_scale(dtype: str) -> float:
+    """What probabilities are multiplied by when stored as ``dtype`` (255 for uint8); checks ``dtype``."""
+    if dtype not in ("float16", "float32", "uint8"):
+        raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
+    return 255.0 if dtype == "uint8" else 1.0
 
 
 @dataclass(frozen=True)
