@@ -14,7 +14,7 @@ import torch
 from unet_core import io
 from unet_core.model import UNet
 from unet_core.prepare import prepare_targets
-from unet_core.train import TileDataset, TrainSettings, load_training_stack, train
+from unet_core.train import TileDataset, TrainSettings, load_training_stack, train, weights_digest
 
 SETTINGS = dict(base_channels=4, depth=2, tile=36, batch_size=2, dropout=0.3, validate_every=1000, log_every=5,
                 deterministic=True, num_workers=0)
@@ -65,6 +65,14 @@ def test_resume_after_sigterm_is_exact(stacks, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The model card records the digest of the weights: a rerun can be checked against it.
+    cards = [json.loads((d / "model_card.json").read_text()) for d in (straight, resumed)]
+    digests = [c["reproducibility"]["weights_sha256"] for c in cards]
+    assert digests[0] == digests[1] == weights_digest(a)
+    a[next(iter(a))].view(-1)[0] += 1e-6
+    assert weights_digest(a) != digests[0]
+    assert cards[0]["reproducibility"]["seed"] == SETTINGS.get("seed", 0)
+    assert cards[0]["training_data"][0]["targets"]["w0"] is not None
     log = (resumed / "training_log.tsv").read_text().splitlines()
     assert [int(line.split("\t")[0]) for line in log[1:]] == list(range(5, 81, 5))
 

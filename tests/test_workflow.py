@@ -77,6 +77,18 @@ def test_isbi_config_dry_run(repo, preset):
     assert re.search(r"^ingest\s+2$", table, re.M) and re.search(r"^train\s+1$", table, re.M)
 
 
+def test_cells3d_config_dry_run(repo):
+    if not (repo.parent / "shared" / "data" / "cells3d-boundaries" / "raw.tif").exists():
+        pytest.skip("cells3d-boundaries data not present in ../shared")
+    result = _snakemake(repo, "-n", "--configfile", "config/cells3d.yaml")
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    table = text.split("Job stats:")[1]
+    for rule, count in (("ingest", 2), ("weight_map", 2), ("train", 1), ("predict", 1), ("segment", 1),
+                        ("evaluate", 1), ("report", 1)):
+        assert re.search(rf"^{rule}\s+{count}$", table, re.M), table
+
+
 def test_unknown_preset_is_named(repo):
     result = _snakemake(repo, "-n", "--config", "preset=turbo")
     assert result.returncode != 0

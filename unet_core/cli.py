@@ -43,7 +43,7 @@ def _ingest(args) -> None:
 
 def _weight_map(args) -> None:
     from .prepare import prepare_targets
-    prepare_targets(args.input, args.output, ndim=args.ndim, w0=args.w0, sigma=args.sigma)
+    prepare_targets(args.input, args.output, ndim=args.ndim, w0=args.w0, sigma=args.sigma, labels=args.labels)
 
 
 def _train(args) -> None:
@@ -76,13 +76,15 @@ def _plan(args) -> None:
 
 def _segment(args) -> None:
     from .segment import segment_image
-    segment_image(args.input, args.output, threshold=args.threshold, min_size=args.min_size)
+    segment_image(args.input, args.output, threshold=args.threshold, min_size=args.min_size, method=args.method,
+                  sigma=args.sigma, h=args.h)
 
 
 def _evaluate(args) -> None:
     from .evaluate import evaluate_stack
     evaluate_stack(image_path=args.image, probabilities_path=args.probabilities, segmentation_path=args.segmentation,
-                   output_path=args.output, stack=args.stack or Path(args.image).name, role=args.role)
+                   output_path=args.output, stack=args.stack or Path(args.image).name, role=args.role,
+                   ground_truth=args.ground_truth)
 
 
 def _report(args) -> None:
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ndim", type=int, default=2)
     p.add_argument("--w0", type=float, default=10.0)
     p.add_argument("--sigma", type=float, default=5.0)
+    p.add_argument("--labels", default="instances",
+                   help="instances (ids), binary (interior mask) or dense (ids with no background)")
     p.set_defaults(func=_weight_map)
 
     p = sub.add_parser("train", help="train a U-Net")
@@ -164,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--min-size", type=int, default=0)
+    p.add_argument("--method", default="components", help="components (blockwise) or watershed (dense tissue)")
+    p.add_argument("--sigma", type=float, default=1.0, help="watershed: smoothing of the boundary map (px)")
+    p.add_argument("--h", type=float, default=0.1, help="watershed: depth of the minima that seed cells")
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("evaluate", help="metrics and QC of one stack -> JSON")
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--stack")
     p.add_argument("--role", default="predict")
+    p.add_argument("--ground-truth", default="instances", help="instances, binary (ISBI 2012) or dense (tissue)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("report", help="HTML QC report")

@@ -7,7 +7,9 @@ function works slice by slice. A list of arrays is a sequence of frames, scored 
 * With ground truth: :func:`isbi_scores` and the other ISBI 2012 scores (from
   :mod:`unet_core.isbi`), :func:`seg_score` (Cell Tracking Challenge SEG),
   :func:`average_precision` (AP at IoU thresholds), :func:`panoptic_quality`,
-  :func:`class_scores` and :func:`foreground_scores` (Dice and IoU).
+  :func:`class_scores` and :func:`foreground_scores` (Dice and IoU); for dense 3D ground truth
+  :func:`instance_agreement` (adapted Rand error, VOI split/merge) and
+  :func:`boundary_average_precision` (how well a map ranks the true boundary voxels).
 * Without ground truth (QC): :func:`object_statistics`, :func:`probability_statistics`,
   :func:`intensity_drift`, :func:`qc_statistics` and :func:`flag_outlier_stacks`, plus the
   per-slice helpers :func:`object_sizes` and :func:`probability_qc`.
@@ -32,6 +34,7 @@ __all__ = [
     "isbi_scores", "v_rand", "v_info", "rand_error", "pixel_error", "warping_error",
     "splits_and_mergers_error", "thin_borders", "warp_ground_truth", "ISBI_THRESHOLDS", "WARPING_THRESHOLDS",
     "seg_score", "average_precision", "panoptic_quality", "class_scores", "AP_THRESHOLDS",
+    "instance_agreement", "boundary_average_precision",
     "object_statistics", "probability_statistics", "intensity_drift", "qc_statistics", "flag_outlier_stacks",
 ]
 
@@ -236,6 +239,52 @@ def average_precision(labels_true, labels_pred, thresholds: Sequence[float] = AP
         "precision": _ratios(tp, np.full_like(tp, n_pred)), "recall": _ratios(tp, np.full_like(tp, n_true)),
         "f1": _ratios(2 * tp, np.full_like(tp, n_true + n_pred)), "n_true": n_true, "n_pred": n_pred,
     }
+
+
+def instance_agreement(truth: np.ndarray, prediction: np.ndarray) -> dict:
+    """Adapted Rand error and variation of information (split, merge) of two label images.
+
+    ``adapted_rand_error`` is 1 - the F-score of pairs of voxels put in the same object (CREMI,
+    skimage ``adapted_rand_error``, truth background 0 ignored); lower is better. ``voi_split`` is
+    H(prediction | truth), the information (in bits) the prediction adds by
+    cutting true objects; ``voi_merge`` is H(truth | prediction), lost by merging them. Their sum
+    is the variation of information (skimage ``variation_of_information``).
+    """
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if truth.shape != prediction.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ in shape")
+    # Only the error: skimage's precision and recall of the same call are named the other way
+    # round from their docstring (a pure split lowers "precision"); VOI tells splits from merges.
+    error = adapted_rand_error(truth, prediction)[0]
+    split, merge = variation_of_information(truth, prediction)
+    return {"adapted_rand_error": float(error), "voi_split": float(split), "voi_merge": float(merge)}
+
+
+def boundary_average_precision(score: np.ndarray, boundary: np.ndarray) -> float:
+    """Average precision of ``score`` (higher = more likely boundary) at finding ``boundary``.
+
+    The area under the precision-recall curve as a step sum, sum_k (R_k - R_(k-1)) P_k, over
+    the distinct score values from the highest down; voxels with equal scores enter together
+    (as in scikit-learn's ``average_precision_score``). A random map scores the boundary
+    fraction. Any monotone rescaling of ``score`` gives the same value.
+    """
+    score, boundary = np.asarray(score).ravel(), np.asarray(boundary, bool).ravel()
+    if score.shape != boundary.shape:
+        raise ValueError(f"score ({score.size} voxels) and boundary ({boundary.size}) differ in size")
+    positives = int(boundary.sum())
+    if positives == 0:
+        raise ValueError("boundary holds no boundary voxel: average precision is undefined")
+    order = np.argsort(-score, kind="stable")
+    ranked = score[order]
+    hits = np.cumsum(boundary[order])
+    # The last voxel of each run of equal scores closes one threshold.
+    last = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), ranked.size - 1]
+    true_positives = hits[last]
+    precision = true_positives / (last + 1)
+    recall = true_positives / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def _ratios(numerators: np.ndarray, denominators: np.ndarray) -> list[float]:

@@ -15,46 +15,50 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import io
-from .weights import instances_from_binary, weight_map
+from .weights import LABEL_KINDS, cells_of, weight_map
 
 __all__ = ["prepare_targets"]
 
 
 def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: int = 2,
-                    w0: float = 10.0, sigma: float = 5.0, binary: bool = False) -> Path:
+                    w0: float = 10.0, sigma: float = 5.0, labels: str = "instances") -> Path:
     """Compute target classes and weight maps of an ingested stack into ``output_path``.
 
-    ``binary``: the ground truth is a binary interior mask (e.g. ISBI 2012: 255 = interior,
-    0 = membrane); its 4-connected (2D) / 6-connected (3D) components are the cells.
+    ``labels`` says what the ground truth holds (:data:`unet_core.weights.LABEL_KINDS`):
+    ``instances`` (ids, 0 = background between cells), ``binary`` (an interior mask, e.g.
+    ISBI 2012: 255 = interior, 0 = membrane; its 4-/6-connected components are the cells) or
+    ``dense`` (ids with no background, e.g. tissue: the voxels whose 4-/6-neighbourhood holds
+    another id become the border class).
     """
-    labels = io.read_labels(image_path)
-    if labels is None:
+    if labels not in LABEL_KINDS:
+        raise ValueError(f"labels must be one of {LABEL_KINDS}, got {labels!r}")
+    kind = labels
+    truth = io.read_labels(image_path)
+    if truth is None:
         raise ValueError(f"{image_path}: has no ground truth (labels/ground_truth); cannot compute weight maps")
     if ndim not in (2, 3):
         raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
     spatial = "yx" if ndim == 2 else "zyx"
-    if not set(spatial) <= set(labels.axes):
-        raise ValueError(f"{image_path}: labels axes {labels.axes!r} lack the spatial axes {spatial!r}")
-    loop_axes = [a for a in labels.axes if a not in spatial]
-    spacing = [labels.scale.get(a, 1.0) for a in spatial]
+    if not set(spatial) <= set(truth.axes):
+        raise ValueError(f"{image_path}: labels axes {truth.axes!r} lack the spatial axes {spatial!r}")
+    loop_axes = [a for a in truth.axes if a not in spatial]
+    spacing = [truth.scale.get(a, 1.0) for a in spatial]
     output_path = Path(output_path)
     with io.atomic_directory(output_path) as tmp:
         import zarr
         group = zarr.open_group(tmp, mode="w", zarr_format=2)
-        chunks = io.default_chunks(labels.axes, labels.shape)
-        target = group.create_array("target", shape=labels.shape, dtype="uint8", chunks=chunks,
+        chunks = io.default_chunks(truth.axes, truth.shape)
+        target = group.create_array("target", shape=truth.shape, dtype="uint8", chunks=chunks,
                                     compressors=io._COMPRESSOR, fill_value=0)
-        weight = group.create_array("weight", shape=labels.shape, dtype="float32", chunks=chunks,
+        weight = group.create_array("weight", shape=truth.shape, dtype="float32", chunks=chunks,
                                     compressors=io._COMPRESSOR, fill_value=0)
-        group.attrs.update({"axes": labels.axes, "w0": w0, "sigma": sigma, "ndim": ndim, "spacing": spacing,
-                            "source": str(image_path)})
-        positions = list(itertools.product(*[range(labels.shape[labels.axes.index(a)]) for a in loop_axes]))
+        group.attrs.update({"axes": truth.axes, "w0": w0, "sigma": sigma, "ndim": ndim, "spacing": spacing,
+                            "labels": kind, "source": str(image_path)})
+        positions = list(itertools.product(*[range(truth.shape[truth.axes.index(a)]) for a in loop_axes]))
         for position in tqdm(positions, desc=f"weight maps {Path(image_path).name}", unit="plane"):
             where = dict(zip(loop_axes, position))
-            instance = labels.read(where, order=tuple(spatial)).astype(np.int64)
-            if binary:
-                instance = instances_from_binary(instance)
-            index = tuple(where[a] if a in where else slice(None) for a in labels.axes)
+            instance = cells_of(truth.read(where, order=tuple(spatial)).astype(np.int64), kind)
+            index = tuple(where[a] if a in where else slice(None) for a in truth.axes)
             target[index] = (instance > 0).astype(np.uint8)
             weight[index] = weight_map(instance, w0=w0, sigma=sigma, spacing=spacing if ndim == 3 else None)
     return output_path

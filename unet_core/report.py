@@ -63,6 +63,16 @@ _COLUMNS = (
     ("ap50", "AP@0.5", "metrics", "ap50", "{:.3f}"),
     ("v_rand", "V_rand", "metrics", "v_rand", "{:.3f}"),
     ("v_info", "V_info", "metrics", "v_info", "{:.3f}"),
+    ("arand", "adapted Rand error", "metrics", "adapted_rand_error", "{:.3f}"),
+    ("boundary_ap", "boundary AP", "metrics", "boundary_ap", "{:.3f}"),
+)
+# Rows of the learned-versus-classical table of dense ground truth: label, metrics key of the
+# learned result, of the baseline (in metrics["baseline"], or None: a key of metrics itself).
+_AGAINST_BASELINE = (
+    ("adapted Rand error (lower is better)", "adapted_rand_error", "adapted_rand_error"),
+    ("VOI split (lower is better)", "voi_split", "voi_split"),
+    ("VOI merge (lower is better)", "voi_merge", "voi_merge"),
+    ("boundary AP: boundary map vs raw stain (higher is better)", "boundary_ap", "stain_boundary_ap"),
 )
 _TRACEBACK = "Traceback (most recent call last):"
 _SNAKEMAKE_FAILED_LOG = re.compile(r"^\s*log: (.+) \(check log file\(s\) for error details\)\s*$", re.M)
@@ -467,6 +477,7 @@ def _stack_entry(status: dict, image: Path, segmentation: Path) -> dict:
                                        "relative_intensity_drift") if k in qc}),
     }
     entry["metrics_table"] = _scalars(result.get("metrics"))
+    entry["against_baseline"] = _against_baseline(result.get("metrics") or {})
     entry["problems"] = []
     try:
         entry["planes"] = _plane_images(image, segmentation, qc.get("objects_per_plane", []))
@@ -484,6 +495,39 @@ def _stack_entry(status: dict, image: Path, segmentation: Path) -> dict:
         entry["source"] = {}
         entry["problems"].append(f"source metadata not read: {type(error).__name__}: {error}")
     return entry
+
+
+def _against_baseline(metrics: dict) -> dict | None:
+    """The learned result next to the classical baseline of the same run (dense ground truth)."""
+    baseline = metrics.get("baseline")
+    if not isinstance(baseline, dict):
+        return None
+    rows = []
+    for label, learned, classical in _AGAINST_BASELINE:
+        other = metrics.get(classical) if classical.startswith("stain_") else baseline.get(classical)
+        if isinstance(metrics.get(learned), (int, float)) and isinstance(other, (int, float)):
+            rows.append({"metric": label, "learned": f"{metrics[learned]:.3f}", "baseline": f"{other:.3f}"})
+    method = ", ".join(f"{k} {v}" for k, v in baseline.items() if isinstance(v, (str, int, float))
+                       and k in ("method", "sigma", "h"))
+    return {"rows": rows, "method": method}
+
+
+def _ablation_section(path: str | Path | None) -> dict | None:
+    """The ablation table of ``path`` (JSON written by bench/quality.py), or a problem to show."""
+    if path is None:
+        return None
+    try:
+        table = json.loads(Path(path).read_text())
+        columns = [(str(key), str(header)) for key, header in table["columns"]]
+        rows = []
+        for row in table["rows"]:
+            cells = [f"{row[key]:.4f}" if isinstance(row.get(key), (int, float)) else "–" for key, _ in columns]
+            rows.append({"recipe": str(row["recipe"]), "cells": cells})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return {"error": f"ablation table {path} not shown: {type(error).__name__}: {error}"}
+    return {"title": str(table.get("title", "")), "measured": str(table.get("measured", "")),
+            "reading": str(table.get("reading", "")), "headers": [h for _, h in columns], "rows": rows,
+            "source": str(path)}
 
 
 def _read_result(path: Path) -> dict:
@@ -551,7 +595,7 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
                  config: dict | None = None, title: str = "unet-pipeline", summary_path: str | Path | None = None,
                  logs_dir: str | Path | None = None, benchmarks_dir: str | Path | None = None,
                  source_dir: str | Path | None = None, snakemake_logs: Sequence[str | Path] = (),
-                 incomplete: bool = False) -> Path:
+                 incomplete: bool = False, ablation: str | Path | None = None) -> Path:
     """Render the HTML QC report of a run from the outputs that exist.
 
     Parameters
@@ -584,6 +628,9 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
         when their log holds no traceback (e.g. a job killed for memory).
     incomplete : bool
         The run stopped with errors (the ``onerror`` handler): the report says so at the top.
+    ablation : path, optional
+        A measured ablation table (JSON of bench/quality.py: title, measured, columns, rows,
+        reading), shown in its own section.
 
     Returns
     -------
@@ -641,6 +688,7 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
         "snakemake_logs": [str(p) for p in snakemake_logs or ()],
         "config": json.dumps(config or {}, indent=2, default=str),
         "runtime_summary": runtime_summary, "runtime_jobs": runtime_jobs,
+        "ablation": _ablation_section(ablation),
     })
     if summary_path is not None:
         _atomic_write(Path(summary_path), json.dumps(_summary(entries, model, counts, incomplete), indent=2,
@@ -668,7 +716,8 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
                           record_path: str | Path, config: dict | None = None,
                           summary_path: str | Path | None = None, logs_dir: str | Path = "logs",
                           benchmarks_dir: str | Path | None = "benchmarks", source_dir: str | Path | None = None,
-                          snakemake_logs: Sequence[str | Path] = ()) -> Path | None:
+                          snakemake_logs: Sequence[str | Path] = (),
+                          ablation: str | Path | None = None) -> Path | None:
     """:func:`write_report` for a run that stopped with errors; never raises.
 
     For the workflow's ``onerror`` handler: stacks whose metrics exist are reported, the others
@@ -686,7 +735,7 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
         written = write_report(metrics=metrics, images=images, segmentations=segmentations, model_dir=model_dir,
                                output_path=output_path, config=config, summary_path=summary_path,
                                logs_dir=logs_dir, benchmarks_dir=benchmarks_dir, source_dir=source_dir,
-                               snakemake_logs=snakemake_logs, incomplete=True)
+                               snakemake_logs=snakemake_logs, incomplete=True, ablation=ablation)
     except Exception:  # noqa: BLE001 - a broken report must not mask the original error
         _report_problem(logs_dir, "the report of the incomplete run was not written")
     try:

@@ -13,6 +13,7 @@ of the checkpoint; the data loader gets its own generator so it never consumes i
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import platform
@@ -35,7 +36,7 @@ from .predict import predict_tiled
 from .tiling import read_reflected
 from .weights import weight_map
 
-__all__ = ["TrainSettings", "TrainingInterrupted", "train", "load_training_stack", "TileDataset"]
+__all__ = ["TrainSettings", "TrainingInterrupted", "train", "load_training_stack", "TileDataset", "weights_digest"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -100,19 +101,22 @@ class _Stack:
     targets: list[np.ndarray]
     weights: list[np.ndarray]
     sha256: str = ""
-    extra: dict = field(default_factory=dict)
+    # How the targets were made: the weight-map group's settings (w0, sigma, labels), or
+    # "computed here" from the ground truth with the training settings' w0 and sigma.
+    targets_from: dict = field(default_factory=dict)
 
 
 def _weight_group(weights_path, image_path, expected):
     try:
         group = zarr.open_group(weights_path, mode="r")
         target, weight, axes = group["target"], group["weight"], group.attrs["axes"]
+        settings = {k: group.attrs[k] for k in ("labels", "w0", "sigma") if k in group.attrs}
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise ValueError(f"{weights_path}: not a weight-map group with 'target' and 'weight' ({error!r})") from error
     if tuple(target.shape) != expected or tuple(weight.shape) != expected:
         raise ValueError(f"{weights_path}: weight map shape {tuple(weight.shape)} does not match the image "
                          f"{image_path} {expected}")
-    return target, weight, axes
+    return target, weight, axes, settings
 
 
 def load_training_stack(image_path: str | Path, weights_path: str | Path | None, ndim: int, *,
@@ -132,19 +136,21 @@ def load_training_stack(image_path: str | Path, weights_path: str | Path | None,
     if not set(spatial) <= set(image.axes):
         raise ValueError(f"training stack {image_path}: axes {image.axes!r} lack {spatial!r} for a {ndim}D model")
     if weights_path is not None and Path(weights_path).exists():
-        target, weight, axes = _weight_group(weights_path, image_path, expected)
+        target, weight, axes, targets_from = _weight_group(weights_path, image_path, expected)
         labels = None
     else:
         labels = io.read_labels(image_path)
         if labels is None:
             raise ValueError(f"training stack {image_path}: has no weight map and no ground truth to compute one")
         axes = labels.axes
+        targets_from = {"labels": "instances", "w0": w0, "sigma": sigma, "computed": "at training"}
     mean, std = io.intensity_statistics(image)
     mean = np.asarray(mean, np.float32).reshape(-1, *[1] * ndim)
     std = np.asarray(std, np.float32).reshape(-1, *[1] * ndim)
     loop_axes = [a for a in axes if a not in spatial]
     stack = _Stack(name=Path(image_path).name, planes=[], targets=[], weights=[],
-                   sha256=image.attrs.get("unet_core", {}).get("provenance", {}).get("sha256", ""))
+                   sha256=image.attrs.get("unet_core", {}).get("provenance", {}).get("sha256", ""),
+                   targets_from=targets_from)
     spacing = [image.scale.get(a, 1.0) for a in spatial] if ndim == 3 else None
     for position in itertools.product(*[range(expected[axes.index(a)]) for a in loop_axes]):
         where = dict(zip(loop_axes, position))
@@ -391,15 +397,34 @@ def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, secon
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": asdict(settings),
         "normalization": "per-stack z-score (whole-stack mean and std, computed once)",
-        "training_data": [{"stack": s.name, "sha256": s.sha256} for s in stacks],
-        "validation_data": [{"stack": s.name, "sha256": s.sha256} for s in val_stacks],
+        "training_data": [{"stack": s.name, "sha256": s.sha256, "targets": s.targets_from} for s in stacks],
+        "validation_data": [{"stack": s.name, "sha256": s.sha256, "targets": s.targets_from} for s in val_stacks],
         "final_metrics": {k: v for k, v in log_rows[-1].items() if k.startswith("val_") or k == "loss"},
         "training_seconds": round(seconds, 1),
         "device": str(device),
         "exported": exported,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "reproducibility": {
+            "seed": settings.seed, "deterministic_algorithms": settings.deterministic,
+            "threads": torch.get_num_threads(), "weights_sha256": weights_digest(weights),
+            "how": "Every batch is a pure function of (seed, step) and the initialisation of the seed, so the "
+                   "same seed, data (sha256 above), versions, device and thread count give the same weights "
+                   "again: bitwise on a CPU, within float noise on a GPU unless deterministic_algorithms. "
+                   "bench/quality.py --repeat retrains and compares.",
+        },
     }
     (out_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+
+
+def weights_digest(state: dict) -> str:
+    """sha256 of a model's tensors (names, dtypes, shapes and bytes, in order): equal digests
+    mean bitwise-equal weights, whatever file container holds them."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _export_torchscript(model: UNet, path: Path) -> str | None:

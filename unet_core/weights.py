@@ -1,4 +1,4 @@
-"""Pixel-wise loss weight maps of the U-Net paper (eq. 2) and binary-to-instance conversion.
+"""Pixel-wise loss weight maps of the U-Net paper (eq. 2) and the cells of each kind of ground truth.
 
 Axis order: ``(Y, X)`` for 2D and ``(Z, Y, X)`` for 3D label images.
 """
@@ -11,7 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["weight_map", "instances_from_binary"]
+__all__ = ["weight_map", "instances_from_binary", "instances_from_dense", "true_boundaries", "cells_of",
+           "LABEL_KINDS"]
+
+# What a ground-truth label image can hold (config ``weight_map.labels``): instance ids with
+# background 0 between the cells, a binary interior mask, or dense instance ids (every voxel
+# belongs to a cell, as in tissue: the borders must be made from the ids).
+LABEL_KINDS = ("instances", "binary", "dense")
 
 # The border term is dropped where it is below this absolute value; the cut-off distance it
 # implies bounds the neighbourhood in which a cell's distance transform is evaluated.
@@ -61,6 +67,46 @@ def instances_from_binary(binary: np.ndarray) -> np.ndarray:
     structure = ndimage.generate_binary_structure(binary.ndim, 1)
     labels, _ = ndimage.label(binary != 0, structure=structure)
     return labels.astype(np.int32, copy=False)
+
+
+def true_boundaries(labels: np.ndarray) -> np.ndarray:
+    """The boundary voxels of an instance image: those whose 4- (2D) or 6-neighbourhood (3D)
+    holds another id (background 0 counts as an id). Both sides of a contact are boundary.
+
+    Examples
+    --------
+    >>> true_boundaries(np.array([[1, 1, 2, 2]])).astype(int).tolist()
+    [[0, 1, 1, 0]]
+    """
+    from skimage.segmentation import find_boundaries
+
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"labels must be a 2D or 3D array, got shape {labels.shape}")
+    return find_boundaries(labels, connectivity=1, mode="thick")
+
+
+def instances_from_dense(labels: np.ndarray) -> np.ndarray:
+    """Separate densely packed cells: their boundary voxels (:func:`true_boundaries`) become 0.
+
+    Dense ground truth (every voxel belongs to a cell, e.g. plant tissue) has no background
+    between touching cells, so a class target "cell interior" would be all ones. As in the
+    U-Net paper's touching cells, the boundary becomes the background class, two voxels thick
+    (one on each side), and the weight map emphasises it. Returns int64 labels.
+    """
+    labels = _check_labels(labels).astype(np.int64)
+    return np.where(true_boundaries(labels), 0, labels)
+
+
+def cells_of(labels: np.ndarray, kind: str) -> np.ndarray:
+    """Instance labels with 0 between cells, from ground truth of ``kind`` (:data:`LABEL_KINDS`)."""
+    if kind == "instances":
+        return np.asarray(labels)
+    if kind == "binary":
+        return instances_from_binary(labels)
+    if kind == "dense":
+        return instances_from_dense(labels)
+    raise ValueError(f"ground-truth kind must be one of {LABEL_KINDS}, got {kind!r}")
 
 
 def class_balance(labels: np.ndarray) -> np.ndarray:

@@ -17,5 +17,6 @@ rule evaluate:
     params:
         role=stack_role,
         ground_truth=config["evaluate"]["ground_truth"],
+        baseline=config["evaluate"]["baseline"],
     script:
         "../scripts/evaluate.py"

@@ -2,6 +2,13 @@ from pathlib import Path
 
 from unet_core.report import report_incomplete_run
 
+# The measured ablation table the report shows (config report.ablation, in the repository).
+ABLATION = (
+    [str(Path(workflow.basedir) / config["report"]["ablation"])]
+    if config["report"]["ablation"]
+    else []
+)
+
 # One line per run that stopped with errors, appended by the onerror handler below. Once it
 # exists it is an input of the report: a new line makes the next run write the report again.
 INCOMPLETE_RUNS = "results/report/incomplete_runs.tsv"
@@ -18,6 +25,7 @@ rule report:
         card=expand(rules.train.output.card, model=MODEL),
         training_log=expand(rules.train.output.log, model=MODEL),
         incomplete_runs=[INCOMPLETE_RUNS] if Path(INCOMPLETE_RUNS).exists() else [],
+        ablation=ABLATION,
     output:
         html=report(
             "results/report/index.html",
@@ -59,4 +67,5 @@ onerror:
         benchmarks_dir=rules.report.params.benchmarks_dir,
         source_dir=workflow.basedir,
         snakemake_logs=log,
+        ablation=ABLATION[0] if ABLATION else None,
     )

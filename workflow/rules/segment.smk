@@ -10,7 +10,10 @@ rule segment:
     conda:
         "../../envs/unet.yaml"
     params:
+        method=config["segment"]["method"],
         threshold=config["segment"]["threshold"],
         min_size=config["segment"]["min_size"],
+        sigma=config["segment"]["sigma"],
+        h=config["segment"]["h"],
     script:
         "../scripts/segment.py"

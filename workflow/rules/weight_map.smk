@@ -13,6 +13,6 @@ rule weight_map:
         ndim=config["model"]["ndim"],
         w0=config["weight_map"]["w0"],
         sigma=config["weight_map"]["sigma"],
-        binary=config["weight_map"]["labels"] == "binary",
+        labels=config["weight_map"]["labels"],
     script:
         "../scripts/weight_map.py"

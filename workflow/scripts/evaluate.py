@@ -15,6 +15,7 @@ def main(snakemake):
             stack=snakemake.wildcards.stack,
             role=snakemake.params.role,
             ground_truth=snakemake.params.ground_truth,
+            baseline=snakemake.params.baseline,
         )
 
 

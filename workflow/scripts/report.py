@@ -20,6 +20,7 @@ def main(snakemake):
             logs_dir=snakemake.params.logs_dir,
             benchmarks_dir=snakemake.params.benchmarks_dir,
             source_dir=Path(snakemake.scriptdir).parents[1],
+            ablation=snakemake.input.ablation[0] if snakemake.input.ablation else None,
         )
 
 

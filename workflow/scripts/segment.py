@@ -12,6 +12,9 @@ def main(snakemake):
             snakemake.output.labels,
             threshold=snakemake.params.threshold,
             min_size=snakemake.params.min_size,
+            method=snakemake.params.method,
+            sigma=snakemake.params.sigma,
+            h=snakemake.params.h,
         )
 
 

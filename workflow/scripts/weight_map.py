@@ -13,7 +13,7 @@ def main(snakemake):
             ndim=snakemake.params.ndim,
             w0=snakemake.params.w0,
             sigma=snakemake.params.sigma,
-            binary=snakemake.params.binary,
+            labels=snakemake.params.labels,
         )
 
 
