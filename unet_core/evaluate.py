@@ -107,9 +107,7 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
         qc = probability_qc(foreground)
         histogram += np.asarray(qc["histogram"])
         uncertain.append(qc["uncertain_fraction"])
-        if truth is None:
-            continue
-        if ground_truth == "dense":
+        if truth is None or ground_truth == "dense":  # dense: scored as whole volumes below
             continue
         true_plane = truth.read(where, order=("y", "x"))
         scores = foreground_scores(true_plane, labels)

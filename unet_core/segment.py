@@ -136,7 +136,8 @@ def segment_image(probabilities_path: str | Path, output_path: str | Path, *, th
     with io.atomic_image(output_path, axes, shape, dtype="uint32", scale=probs.scale_for(axes), chunks=chunks,
                          attributes=attributes) as out:
         positions = list(itertools.product(*[range(probs.shape[probs.axes.index(a)]) for a in loop_axes]))
-        for position in tqdm(positions, desc=f"segment {Path(probabilities_path).name}", unit="plane"):
+        unit = "volume" if method == "watershed" and len(spatial) == 3 else "plane"
+        for position in tqdm(positions, desc=f"segment {Path(probabilities_path).name}", unit=unit):
             where = dict(zip(loop_axes, position))
             selection = tuple(where[a] if a in where else slice(None) for a in axes)
             if method == "watershed":

@@ -101,8 +101,8 @@ class _Stack:
     targets: list[np.ndarray]
     weights: list[np.ndarray]
     sha256: str = ""
-    # How the targets were made: the weight-map group's settings (w0, sigma, labels), or
-    # "computed here" from the ground truth with the training settings' w0 and sigma.
+    # How the targets were made: the weight-map group's settings (labels, w0, sigma), or
+    # computed at training from instance ground truth with the training settings' w0 and sigma.
     targets_from: dict = field(default_factory=dict)
 
 
