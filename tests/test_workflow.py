@@ -89,6 +89,14 @@ def test_cells3d_config_dry_run(repo):
         assert re.search(rf"^{rule}\s+{count}$", table, re.M), table
 
 
+def test_ablation_table_must_stay_inside_the_workflow_folder(repo, tmp_path):
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("report: {ablation: ../../../etc/passwd}\n")
+    result = _snakemake(repo, "-n", "--configfile", str(outside))
+    assert result.returncode != 0
+    assert "report.ablation '../../../etc/passwd' leads outside the workflow folder" in result.stdout + result.stderr
+
+
 def test_unknown_preset_is_named(repo):
     result = _snakemake(repo, "-n", "--config", "preset=turbo")
     assert result.returncode != 0

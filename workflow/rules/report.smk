@@ -2,12 +2,22 @@ from pathlib import Path
 
 from unet_core.report import report_incomplete_run
 
-# The measured ablation table the report shows (config report.ablation, in the repository).
-ABLATION = (
-    [str(Path(workflow.basedir) / config["report"]["ablation"])]
-    if config["report"]["ablation"]
-    else []
-)
+
+def _ablation_table():
+    """The measured ablation table the report shows (config report.ablation): a path inside
+    the workflow's folder, or none."""
+    if not config["report"]["ablation"]:
+        return []
+    folder = Path(workflow.basedir).resolve()
+    path = (folder / config["report"]["ablation"]).resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(
+            f"config report.ablation {config['report']['ablation']!r} leads outside the workflow folder {folder}"
+        )
+    return [str(path)]
+
+
+ABLATION = _ablation_table()
 
 # One line per run that stopped with errors, appended by the onerror handler below. Once it
 # exists it is an input of the report: a new line makes the next run write the report again.
