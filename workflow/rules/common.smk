@@ -107,3 +107,20 @@ def demo_files():
 
 def demo_outdir(wildcards, output):
     return str(Path(output[0]).parent)
+
+
+def _ablation_table():
+    """The measured ablation table the report shows (config report.ablation): a path inside
+    the workflow's folder, or none."""
+    if not config["report"]["ablation"]:
+        return []
+    folder = Path(workflow.basedir).resolve()
+    path = (folder / config["report"]["ablation"]).resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(
+            f"config report.ablation {config['report']['ablation']!r} leads outside the workflow folder {folder}"
+        )
+    return [str(path)]
+
+
+ABLATION = _ablation_table()

@@ -2,23 +2,6 @@ from pathlib import Path
 
 from unet_core.report import report_incomplete_run
 
-
-def _ablation_table():
-    """The measured ablation table the report shows (config report.ablation): a path inside
-    the workflow's folder, or none."""
-    if not config["report"]["ablation"]:
-        return []
-    folder = Path(workflow.basedir).resolve()
-    path = (folder / config["report"]["ablation"]).resolve()
-    if not path.is_relative_to(folder):
-        raise ValueError(
-            f"config report.ablation {config['report']['ablation']!r} leads outside the workflow folder {folder}"
-        )
-    return [str(path)]
-
-
-ABLATION = _ablation_table()
-
 # One line per run that stopped with errors, appended by the onerror handler below. Once it
 # exists it is an input of the report: a new line makes the next run write the report again.
 INCOMPLETE_RUNS = "results/report/incomplete_runs.tsv"
