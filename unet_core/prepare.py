@@ -32,7 +32,6 @@ def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: in
     """
     if labels not in LABEL_KINDS:
         raise ValueError(f"labels must be one of {LABEL_KINDS}, got {labels!r}")
-    kind = labels
     truth = io.read_labels(image_path)
     if truth is None:
         raise ValueError(f"{image_path}: has no ground truth (labels/ground_truth); cannot compute weight maps")
@@ -53,11 +52,11 @@ def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: in
         weight = group.create_array("weight", shape=truth.shape, dtype="float32", chunks=chunks,
                                     compressors=io._COMPRESSOR, fill_value=0)
         group.attrs.update({"axes": truth.axes, "w0": w0, "sigma": sigma, "ndim": ndim, "spacing": spacing,
-                            "labels": kind, "source": str(image_path)})
+                            "labels": labels, "source": str(image_path)})
         positions = list(itertools.product(*[range(truth.shape[truth.axes.index(a)]) for a in loop_axes]))
         for position in tqdm(positions, desc=f"weight maps {Path(image_path).name}", unit="plane"):
             where = dict(zip(loop_axes, position))
-            instance = cells_of(truth.read(where, order=tuple(spatial)).astype(np.int64), kind)
+            instance = cells_of(truth.read(where, order=tuple(spatial)).astype(np.int64), labels)
             index = tuple(where[a] if a in where else slice(None) for a in truth.axes)
             target[index] = (instance > 0).astype(np.uint8)
             weight[index] = weight_map(instance, w0=w0, sigma=sigma, spacing=spacing if ndim == 3 else None)
