@@ -16,6 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from unet_core import isbi
 from unet_core.metrics import (
     AP_THRESHOLDS, ISBI_THRESHOLDS, WARPING_THRESHOLDS, average_precision, class_scores, flag_outlier_stacks,
+    merges_and_splits,
     foreground_scores, intensity_drift, isbi_scores, object_sizes, object_statistics, panoptic_quality, pixel_error,
     probability_qc, probability_statistics, qc_statistics, rand_error, seg_score, splits_and_mergers_error,
     thin_borders, v_info, v_rand, warp_ground_truth, warping_error,
@@ -604,3 +605,15 @@ def test_qc_statistics_and_outlier_flag():
 def test_bad_input_raises_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_merges_and_splits_hand_computed():
+    truth = np.array([[1, 1, 1, 2, 2, 2, 0, 3, 3, 3, 3, 0, 4, 4, 0, 0]])
+    pred = np.array([[5, 5, 5, 5, 5, 5, 0, 6, 6, 7, 7, 0, 0, 0, 0, 8]])
+    counts = merges_and_splits(truth, pred)
+    # 5 holds all of 1 and 2 (a merge of two); 3 holds two predictions (a split); 4 is missed; 8 is noise
+    assert counts == {"merges": 1, "merged_true": 2, "splits": 1, "missed": 2, "spurious": 1, "n_true": 4,
+                      "n_pred": 4}
+    perfect = merges_and_splits([truth, truth], [truth, truth])
+    assert perfect["merges"] == perfect["splits"] == perfect["missed"] == perfect["spurious"] == 0
+    assert perfect["n_true"] == 8

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 
 from unet_core import instances_from_binary, weight_map
-from unet_core.weights import class_balance
+from unet_core.weights import class_balance, separate_touching
 
 
 def brute_force_weight_map(labels, w0=10.0, sigma=5.0, spacing=None):
@@ -102,3 +102,44 @@ def test_bad_spacing_and_parameters_raise():
         weight_map(np.zeros((4, 4), int), spacing=(1.0,))
     with pytest.raises(ValueError, match="sigma"):
         weight_map(np.zeros((4, 4), int), sigma=0)
+
+
+def _brute_force_contacts(labels):
+    """Voxels of an object with a 4-/6-neighbour of another nonzero id, by looping over axes."""
+    contact = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        for step in (1, -1):
+            neighbour = np.roll(labels, step, axis=axis)
+            edge = [slice(None)] * labels.ndim
+            edge[axis] = 0 if step == 1 else -1
+            neighbour[tuple(edge)] = labels[tuple(edge)]  # no wrap-around
+            contact |= (labels > 0) & (neighbour > 0) & (neighbour != labels)
+    return contact
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (12, 20, 24)])
+def test_separate_touching_equals_brute_force(shape, rng):
+    # Voronoi-like instances that touch, with some background
+    seeds = np.zeros(shape, np.int32)
+    points = tuple(rng.integers(0, s, 15) for s in shape)
+    seeds[points] = np.arange(1, 16)
+    _, nearest = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    labels = seeds[tuple(nearest)]
+    labels[rng.random(shape) < 0.1] = 0
+    separated = separate_touching(labels)
+    contact = _brute_force_contacts(labels)
+    assert contact.any()
+    np.testing.assert_array_equal(separated, np.where(contact, 0, labels))
+    # no two objects touch any more, and the weight map puts its border term on the new border
+    assert not _brute_force_contacts(separated).any()
+    np.testing.assert_array_equal(separate_touching(separated), separated)
+
+
+def test_separate_touching_keeps_gapped_instances_and_outer_edges():
+    labels = np.zeros((10, 14), np.int32)
+    labels[2:8, 1:6], labels[2:8, 6:11], labels[2:8, 12:14] = 1, 2, 3  # 1 and 2 touch; 3 has a gap
+    separated = separate_touching(labels)
+    assert (separated[2:8, 5] == 0).all() and (separated[2:8, 6] == 0).all()
+    assert (separated[2:8, 1:5] == 1).all() and (separated[2:8, 12:14] == 3).all()
+    weights = weight_map(separated, w0=10, sigma=5)
+    assert weights[4, 5] > 5 * weights[4, 2]

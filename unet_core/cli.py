@@ -43,13 +43,14 @@ def _ingest(args) -> None:
 
 def _weight_map(args) -> None:
     from .prepare import prepare_targets
-    prepare_targets(args.input, args.output, ndim=args.ndim, w0=args.w0, sigma=args.sigma, labels=args.labels)
+    prepare_targets(args.input, args.output, ndim=args.ndim, w0=args.w0, sigma=args.sigma, labels=args.labels,
+                    separate_touching=not args.keep_touching)
 
 
 def _train(args) -> None:
     from .train import TrainSettings, train
     config = _load_config(args.config)
-    settings = TrainSettings.from_config(config.get("model", {}), config.get("train", {}))
+    settings = TrainSettings.from_config(config.get("model", {}), config.get("train", {}), config.get("normalize"))
     train(train_images=args.images, train_weights=args.weights, val_images=args.val_images or [],
           val_weights=args.val_weights or [], out_dir=args.out, settings=settings, device=args.device)
 
@@ -77,7 +78,8 @@ def _plan(args) -> None:
 def _segment(args) -> None:
     from .segment import segment_image
     segment_image(args.input, args.output, threshold=args.threshold, min_size=args.min_size, method=args.method,
-                  sigma=args.sigma, h=args.h)
+                  sigma=args.sigma, h=args.h, seed_threshold=args.seed_threshold,
+                  min_relative_size=args.min_relative_size)
 
 
 def _evaluate(args) -> None:
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=5.0)
     p.add_argument("--labels", default="instances",
                    help="instances (ids), binary (interior mask) or dense (ids with no background)")
+    p.add_argument("--keep-touching", action="store_true",
+                   help="instances: do not give touching instances a border (ablation)")
     p.set_defaults(func=_weight_map)
 
     p = sub.add_parser("train", help="train a U-Net")
@@ -166,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="probabilities -> instance labels")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--min-size", type=int, default=0)
-    p.add_argument("--method", default="components", help="components (blockwise) or watershed (dense tissue)")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (components, interior_watershed)")
+    p.add_argument("--min-size", type=int, default=0, help="smallest kept object (px)")
+    p.add_argument("--method", default="components", choices=["components", "interior_watershed", "watershed"],
+                   help="components (blockwise), interior_watershed (touching nuclei, blockwise) or watershed "
+                        "(dense tissue)")
+    p.add_argument("--seed-threshold", type=float, default=0.8,
+                   help="interior_watershed: probability above which a region seeds an object")
+    p.add_argument("--min-relative-size", type=float, default=0.0,
+                   help="drop objects smaller than this fraction of the median training object (0 = off)")
     p.add_argument("--sigma", type=float, default=1.0, help="watershed: smoothing of the boundary map (px)")
     p.add_argument("--h", type=float, default=0.1, help="watershed: depth of the minima that seed cells")
     p.set_defaults(func=_segment)

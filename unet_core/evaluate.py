@@ -17,7 +17,7 @@ import numpy as np
 from . import io
 from .isbi import isbi_scores
 from .metrics import (average_precision, boundary_average_precision, foreground_scores, instance_agreement,
-                      object_sizes, probability_qc, seg_score)
+                      merges_and_splits, object_sizes, probability_qc, seg_score)
 from .segment import seeded_watershed
 from .weights import true_boundaries
 
@@ -74,7 +74,8 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
     """Write ``output_path`` (JSON): QC statistics, and metrics when ground truth exists.
 
     ``ground_truth`` says what the stack's ``labels/ground_truth`` holds: ``instances``
-    (instance ids: foreground IoU/Dice, CTC SEG, AP at IoU 0.5..0.95) or ``binary``
+    (instance ids: foreground IoU/Dice, CTC SEG, AP at IoU 0.5..0.95, and the counts of
+    :func:`unet_core.metrics.merges_and_splits`: merges, splits, missed, spurious) or ``binary``
     (ISBI 2012 style, nonzero = interior: the official ISBI scores V_rand, V_info, Rand,
     warping and pixel error on the interior probability, plus foreground IoU/Dice) or ``dense``
     (instance ids with no background, e.g. tissue; scored over whole volumes: adapted Rand error
@@ -141,7 +142,8 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
         if ground_truth == "instances":
             ap = average_precision(truth_frames, pred_frames)
             metrics.update({"seg": seg_score(truth_frames, pred_frames), "ap50": ap["ap"][0],
-                            "mean_ap": ap["mean_ap"], "ap": dict(zip(map(str, ap["thresholds"]), ap["ap"]))})
+                            "mean_ap": ap["mean_ap"], "ap": dict(zip(map(str, ap["thresholds"]), ap["ap"])),
+                            **merges_and_splits(truth_frames, pred_frames)})
         elif ground_truth == "dense":
             metrics.update(_dense_scores(image, probs, segmentation, truth, scale,
                                          {**DEFAULT_BASELINE, **(baseline or {})}))

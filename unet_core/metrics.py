@@ -33,7 +33,7 @@ __all__ = [
     "foreground_scores", "object_sizes", "probability_qc",
     "isbi_scores", "v_rand", "v_info", "rand_error", "pixel_error", "warping_error",
     "splits_and_mergers_error", "thin_borders", "warp_ground_truth", "ISBI_THRESHOLDS", "WARPING_THRESHOLDS",
-    "seg_score", "average_precision", "panoptic_quality", "class_scores", "AP_THRESHOLDS",
+    "seg_score", "average_precision", "merges_and_splits", "panoptic_quality", "class_scores", "AP_THRESHOLDS",
     "instance_agreement", "boundary_average_precision",
     "object_statistics", "probability_statistics", "intensity_drift", "qc_statistics", "flag_outlier_stacks",
 ]
@@ -239,6 +239,51 @@ def average_precision(labels_true, labels_pred, thresholds: Sequence[float] = AP
         "precision": _ratios(tp, np.full_like(tp, n_pred)), "recall": _ratios(tp, np.full_like(tp, n_true)),
         "f1": _ratios(2 * tp, np.full_like(tp, n_true + n_pred)), "n_true": n_true, "n_pred": n_pred,
     }
+
+
+def merges_and_splits(labels_true, labels_pred) -> dict:
+    """Count the ways an instance segmentation goes wrong, pooled over frames.
+
+    Parameters
+    ----------
+    labels_true, labels_pred : ndarray or list of ndarray
+        Instance label images (0 = background), 2D or 3D; lists are frames.
+
+    Returns
+    -------
+    dict
+        ``merges``: predicted objects that hold more than half of each of two or more
+        ground-truth objects (SEG's matching rule); ``merged_true``: the ground-truth objects
+        inside them; ``splits``: ground-truth objects that hold more than half of each of two
+        or more predicted objects; ``missed``: ground-truth objects that no predicted object
+        covers by more than half (SEG counts them 0); ``spurious``: predicted objects that hold
+        no ground-truth object and lie by at most half in any (noise, fragments of background);
+        ``n_true``, ``n_pred``.
+
+    Examples
+    --------
+    >>> merges_and_splits(np.array([[1, 1, 2, 2, 0, 3]]), np.array([[5, 5, 5, 5, 0, 0]]))["merges"]
+    1
+    """
+    counts = dict.fromkeys(("merges", "merged_true", "splits", "missed", "spurious", "n_true", "n_pred"), 0)
+    for truth, pred in _frames(labels_true, labels_pred):
+        rows, cols, inter, sizes_true, sizes_pred = _overlaps(truth, pred)
+        holds = 2 * inter > sizes_true[rows]  # pred cols[k] holds truth rows[k]
+        inside = 2 * inter > sizes_pred[cols]  # pred cols[k] lies mostly inside truth rows[k]
+        held_by = np.bincount(cols[holds], minlength=sizes_pred.size)
+        contains = np.bincount(rows[inside], minlength=sizes_true.size)
+        matched_true = np.zeros(sizes_true.size, bool)
+        matched_true[rows[holds]] = True
+        anywhere = np.zeros(sizes_pred.size, bool)
+        anywhere[cols[inside | holds]] = True
+        counts["merges"] += int((held_by >= 2).sum())
+        counts["merged_true"] += int(held_by[held_by >= 2].sum())
+        counts["splits"] += int((contains >= 2).sum())
+        counts["missed"] += int((~matched_true).sum())
+        counts["spurious"] += int((~anywhere).sum())
+        counts["n_true"] += int(sizes_true.size)
+        counts["n_pred"] += int(sizes_pred.size)
+    return counts
 
 
 def instance_agreement(truth: np.ndarray, prediction: np.ndarray) -> dict:

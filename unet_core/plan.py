@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import io
+from .normalize import Normalization, normalization_table
 from .predict import (_architecture, _create_output, _Job, _layout, _probability_scale, _run_blocks, _walk,
                       default_tile_shape, load_model)
 from .tiling import axis_origins
@@ -128,7 +129,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     model_path, image_path = Path(model_path), Path(image_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
-    model, _ = load_model(model_path, "cpu")
+    model, checkpoint = load_model(model_path, "cpu")
     layout = _layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
     image = layout.image
     full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
@@ -136,7 +137,8 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     startup = time.perf_counter() - started
 
     began = time.perf_counter()
-    mean, std = io.intensity_statistics(image)
+    table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")),
+                                layout.loop_axes)
     statistics = time.perf_counter() - began
 
     # Calibration: full blocks spread over the volume, the first one a warm-up (model load, caches).
@@ -147,8 +149,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         _create_output(output, model, layout, dtype, output.name, {})
         (output / ".blocks").mkdir()
         job = _Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
-                   layout.block_shape, layout.block_grid, tile, batch_size, device, tuple(mean), tuple(std),
-                   scale, tta, "")
+                   layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "")
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
         # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
         # interval between computed blocks: the pipeline's steady state. Its first read and last

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import blocklog, io
 from .model import UNet, valid_sizes
+from .normalize import Normalization, NormalizationTable, normalization_table
 from .tiling import axis_origins, read_reflected, tile_origins
 
 __all__ = ["predict_tiled", "default_tile_shape", "forward_memory", "predict_image", "load_model", "CPU_MEMORY_BUDGET"]
@@ -518,8 +519,7 @@ class _Job:
     tile: tuple[int, ...] | None
     batch_size: int
     device: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    normalization: NormalizationTable
     scale: float
     tta: bool
     model_sha256: str = ""
@@ -543,9 +543,7 @@ def _block_input(job: _Job, image, block_id: int, margin: int, model: UNet):
     start = [o - margin for o in origin]
     stop = [o + r + margin for o, r in zip(origin, reach)]
     data = read_reflected(view, start, stop).astype(np.float32)
-    mean = np.asarray(job.mean, np.float32).reshape(-1, *[1] * len(spatial))
-    std = np.asarray(job.std, np.float32).reshape(-1, *[1] * len(spatial))
-    return where, origin, size, tile, (data - mean) / std
+    return where, origin, size, tile, job.normalization.apply(data, where)
 
 
 def _predict_block(model: UNet, job: _Job, padded: np.ndarray, size, tile) -> np.ndarray:
@@ -701,9 +699,9 @@ def predict_image(
     layout = _layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
     image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
     loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
-    mean, std = io.intensity_statistics(image)
+    table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
     settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype,
-                "tta": tta, "mean": mean, "std": std}
+                "tta": tta, "normalization": table.as_dict(max_rows=10**9)}
     fingerprint = _fingerprint(model_path, image, settings)
     partial = output_path.parent / f".{output_path.name}.partial"
     resumed = partial.exists() and _read_fingerprint(partial) == fingerprint
@@ -712,8 +710,9 @@ def predict_image(
             shutil.rmtree(partial)
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
-                      "normalization": {"method": "zscore", "mean": mean, "std": std},
-                      "block_shape": list(block_shape), "tta": tta}
+                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta}
+        if "training_objects" in checkpoint:
+            provenance["training_objects"] = checkpoint["training_objects"]
         partial.mkdir(parents=True)
         _create_output(partial, model, layout, dtype, output_path.name, {"unet_core": provenance})
         (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
@@ -721,8 +720,8 @@ def predict_image(
     total = layout.blocks
     todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = _Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
-               block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, tuple(mean), tuple(std),
-               scale, tta, fingerprint["model_sha256"])
+               block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, table, scale, tta,
+               fingerprint["model_sha256"])
     desc = f"predict {image_path.name}"
     if scheduler == "slurm":
         from .cluster import slurm_client

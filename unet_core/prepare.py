@@ -21,11 +21,13 @@ __all__ = ["prepare_targets"]
 
 
 def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: int = 2,
-                    w0: float = 10.0, sigma: float = 5.0, labels: str = "instances") -> Path:
+                    w0: float = 10.0, sigma: float = 5.0, labels: str = "instances",
+                    separate_touching: bool = True) -> Path:
     """Compute target classes and weight maps of an ingested stack into ``output_path``.
 
     ``labels`` says what the ground truth holds (:data:`unet_core.weights.LABEL_KINDS`):
-    ``instances`` (ids, 0 = background between cells), ``binary`` (an interior mask, e.g.
+    ``instances`` (ids, 0 = background; touching instances get a border, the voxels next to
+    another id, unless ``separate_touching`` is False), ``binary`` (an interior mask, e.g.
     ISBI 2012: 255 = interior, 0 = membrane; its 4-/6-connected components are the cells) or
     ``dense`` (ids with no background, e.g. tissue: the voxels whose 4-/6-neighbourhood holds
     another id become the border class).
@@ -53,10 +55,13 @@ def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: in
                                     compressors=io._COMPRESSOR, fill_value=0)
         group.attrs.update({"axes": truth.axes, "w0": w0, "sigma": sigma, "ndim": ndim, "spacing": spacing,
                             "labels": labels, "source": str(image_path)})
+        if labels == "instances":
+            group.attrs["separate_touching"] = separate_touching
         positions = list(itertools.product(*[range(truth.shape[truth.axes.index(a)]) for a in loop_axes]))
         for position in tqdm(positions, desc=f"weight maps {Path(image_path).name}", unit="plane"):
             where = dict(zip(loop_axes, position))
-            instance = cells_of(truth.read(where, order=tuple(spatial)).astype(np.int64), labels)
+            instance = cells_of(truth.read(where, order=tuple(spatial)).astype(np.int64), labels,
+                                separate=separate_touching)
             index = tuple(where[a] if a in where else slice(None) for a in truth.axes)
             target[index] = (instance > 0).astype(np.uint8)
             weight[index] = weight_map(instance, w0=w0, sigma=sigma, spacing=spacing if ndim == 3 else None)

@@ -61,6 +61,8 @@ _COLUMNS = (
     ("dice", "foreground Dice", "metrics", "foreground_dice", "{:.3f}"),
     ("seg", "SEG", "metrics", "seg", "{:.3f}"),
     ("ap50", "AP@0.5", "metrics", "ap50", "{:.3f}"),
+    ("merges", "merges", "metrics", "merges", "{:.0f}"),
+    ("missed", "missed", "metrics", "missed", "{:.0f}"),
     ("v_rand", "V_rand", "metrics", "v_rand", "{:.3f}"),
     ("v_info", "V_info", "metrics", "v_info", "{:.3f}"),
     ("arand", "adapted Rand error", "metrics", "adapted_rand_error", "{:.3f}"),
@@ -549,6 +551,41 @@ def _rounded(value):
     return value
 
 
+# How each kind of ground truth became training targets (weights.cells_of), for the report.
+_LABEL_KINDS = {
+    "instances": "instance ids; touching objects get a border between them",
+    "binary": "a binary interior mask; its components are the objects",
+    "dense": "dense ids (tissue); every boundary becomes the border class",
+}
+
+
+def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
+    """Which ground-truth kind, normalisation and segmentation method the run used (model card and
+    the segmentations' own attributes, so the report says what was done, not what was asked)."""
+    methods = {}
+    kinds = sorted({str(d.get("targets", {}).get("labels", "?")) for d in card.get("training_data", [])
+                    if isinstance(d, dict)})
+    if kinds:
+        methods["ground truth"] = "; ".join(f"{k}: {_LABEL_KINDS.get(k, k)}" for k in kinds)
+    normalization = card.get("normalization")
+    if isinstance(normalization, dict):
+        methods["normalisation"] = str(normalization.get("description", normalization))
+    elif normalization:
+        methods["normalisation"] = str(normalization)
+    used = {}
+    for path in segmentations:
+        try:
+            settings = io.open_image(path).attrs.get("unet_core", {})
+        except (OSError, ValueError):
+            continue
+        keys = ("threshold", "seed_threshold", "sigma", "h", "min_size")
+        detail = ", ".join(f"{k} {settings[k]}" for k in keys if k in settings)
+        used[f"{settings.get('name', settings.get('method', '?'))} ({detail})"] = True
+    if used:
+        methods["segmentation"] = "; ".join(used)
+    return methods
+
+
 def _model_section(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path]) -> dict:
     section = {"name": model_dir.name, **_model_status(model_dir, logs_dir, failed_logs)}
     card_path = model_dir / "model_card.json"
@@ -569,6 +606,7 @@ def _model_section(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path
         if key in card:
             summary[key] = ", ".join(str(d.get("stack", d)) if isinstance(d, dict) else str(d) for d in card[key])
     section["card_summary"] = summary
+    section["card_data"] = card
     section["card"] = json.dumps(card, indent=2, default=str) if card else None
     try:
         section["training_plot"] = _training_figure(model_dir / "training_log.tsv")
@@ -677,6 +715,7 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     runtime_summary, runtime_jobs = _runtimes(Path(benchmarks_dir) if benchmarks_dir is not None else None)
     counts = {state: sum(e["status"] == state for e in entries) for state in (_STATUS_OK, _STATUS_FAILED,
                                                                              _STATUS_NOT_RUN)}
+    methods = _methods(model.get("card_data", {}), [Path(p) for p in segmentations])
     html = _render({
         "title": title, "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "incomplete": incomplete or counts[_STATUS_OK] < len(entries) or model["status"] != _STATUS_OK,
@@ -690,10 +729,11 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
         "config": json.dumps(config or {}, indent=2, default=str),
         "runtime_summary": runtime_summary, "runtime_jobs": runtime_jobs,
         "ablation": _ablation_section(ablation),
+        "methods": methods,
     })
     if summary_path is not None:
-        _atomic_write(Path(summary_path), json.dumps(_summary(entries, model, counts, incomplete), indent=2,
-                                                     default=str))
+        _atomic_write(Path(summary_path), json.dumps({**_summary(entries, model, counts, incomplete),
+                                                      "methods": methods}, indent=2, default=str))
     _atomic_write(output_path, html)
     return output_path
 

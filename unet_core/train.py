@@ -26,15 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import io
 from .augment import AUGMENTATION_VERSION, augment_batch
 from .loss import weighted_cross_entropy
 from .model import UNet
+from .normalize import Normalization, normalization_table
 from .predict import predict_tiled
 from .tiling import read_reflected
-from .weights import weight_map
+from .weights import cells_of, weight_map
 
 __all__ = ["TrainSettings", "TrainingInterrupted", "train", "load_training_stack", "TileDataset", "weights_digest"]
 
@@ -77,16 +79,18 @@ class TrainSettings:
     num_workers: int = 0
     deterministic: bool = False
     amp: bool = True
+    # How raw intensities are normalised; recorded in the checkpoint, so prediction does the same.
+    normalize: Normalization = Normalization()
 
     @classmethod
-    def from_config(cls, model: dict, train: dict) -> TrainSettings:
+    def from_config(cls, model: dict, train: dict, normalize: dict | None = None) -> TrainSettings:
         """Build from the validated config sections; unknown keys are an error."""
-        names = set(cls.__dataclass_fields__)
+        names = set(cls.__dataclass_fields__) - {"normalize"}
         merged = {**model, **train}
         unknown = set(merged) - names
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; allowed: {sorted(names)}")
-        settings = cls(**merged)
+        settings = cls(**merged, normalize=Normalization.from_config(normalize))
         if settings.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {settings.optimizer!r}")
         if settings.schedule not in ("onecycle", "constant"):
@@ -110,7 +114,7 @@ def _weight_group(weights_path, image_path, expected):
     try:
         group = zarr.open_group(weights_path, mode="r")
         target, weight, axes = group["target"], group["weight"], group.attrs["axes"]
-        settings = {k: group.attrs[k] for k in ("labels", "w0", "sigma") if k in group.attrs}
+        settings = {k: group.attrs[k] for k in ("labels", "separate_touching", "w0", "sigma") if k in group.attrs}
     except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
         raise ValueError(f"{weights_path}: not a weight-map group with 'target' and 'weight' ({error!r})") from error
     if tuple(target.shape) != expected or tuple(weight.shape) != expected:
@@ -120,8 +124,9 @@ def _weight_group(weights_path, image_path, expected):
 
 
 def load_training_stack(image_path: str | Path, weights_path: str | Path | None, ndim: int, *,
-                        w0: float = 10.0, sigma: float = 5.0) -> _Stack:
-    """Load an annotated training stack in memory, normalised by its whole-stack statistics.
+                        w0: float = 10.0, sigma: float = 5.0,
+                        normalization: Normalization = Normalization()) -> _Stack:
+    """Load an annotated training stack in memory, normalised as ``normalization`` says.
 
     Annotated training sets are small (the paper trains on 30 images), so they are held in
     memory. Without ``weights_path`` (or when it does not exist) the targets and weight maps
@@ -144,10 +149,8 @@ def load_training_stack(image_path: str | Path, weights_path: str | Path | None,
             raise ValueError(f"training stack {image_path}: has no weight map and no ground truth to compute one")
         axes = labels.axes
         targets_from = {"labels": "instances", "w0": w0, "sigma": sigma, "computed": "at training"}
-    mean, std = io.intensity_statistics(image)
-    mean = np.asarray(mean, np.float32).reshape(-1, *[1] * ndim)
-    std = np.asarray(std, np.float32).reshape(-1, *[1] * ndim)
     loop_axes = [a for a in axes if a not in spatial]
+    table = normalization_table(image, normalization, loop_axes)
     stack = _Stack(name=Path(image_path).name, planes=[], targets=[], weights=[],
                    sha256=image.attrs.get("unet_core", {}).get("provenance", {}).get("sha256", ""),
                    targets_from=targets_from)
@@ -155,13 +158,13 @@ def load_training_stack(image_path: str | Path, weights_path: str | Path | None,
     for position in itertools.product(*[range(expected[axes.index(a)]) for a in loop_axes]):
         where = dict(zip(loop_axes, position))
         plane = image.read(where, order=("c", *spatial)).astype(np.float32)
-        stack.planes.append((plane - mean) / std)
+        stack.planes.append(table.apply(plane, where))
         if labels is None:
             index = tuple(where[a] if a in where else slice(None) for a in axes)
             stack.targets.append(np.asarray(target[index]).astype(np.int64))
             stack.weights.append(np.asarray(weight[index]).astype(np.float32))
         else:
-            instances = labels.read(where, order=tuple(spatial)).astype(np.int64)
+            instances = cells_of(labels.read(where, order=tuple(spatial)).astype(np.int64), "instances")
             stack.targets.append((instances > 0).astype(np.int64))
             stack.weights.append(weight_map(instances, w0=w0, sigma=sigma, spacing=spacing))
     return stack
@@ -308,7 +311,7 @@ def train(*, train_images: list[str], train_weights: list[str | None] | None = N
 def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, settings: TrainSettings,
            device: torch.device) -> Path:
     torch.manual_seed(settings.seed)
-    load = dict(ndim=settings.ndim, w0=settings.w0, sigma=settings.sigma)
+    load = dict(ndim=settings.ndim, w0=settings.w0, sigma=settings.sigma, normalization=settings.normalize)
     stacks = [load_training_stack(i, w, **load) for i, w in zip(train_images, train_weights)]
     val_stacks = [load_training_stack(i, w, **load) for i, w in zip(val_images, val_weights)]
     channels = {s.planes[0].shape[0] for s in stacks + val_stacks}
@@ -389,14 +392,16 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
 def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, seconds, device) -> None:
     _write_log(out_dir / "training_log.tsv", log_rows)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"model": weights, "architecture": model.config(), "normalization": "zscore-per-stack",
-                "tile": settings.tile, "step": settings.steps}, out_dir / "model.pt")
+    torch.save({"model": weights, "architecture": model.config(), "normalization": settings.normalize.as_dict(),
+                "tile": settings.tile, "step": settings.steps, "training_objects": _object_sizes(stacks)},
+               out_dir / "model.pt")
     exported = _export_torchscript(model, out_dir / "model.torchscript.pt")
     card = {
         "architecture": model.config(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": asdict(settings),
-        "normalization": "per-stack z-score (whole-stack mean and std, computed once)",
+        "normalization": {**settings.normalize.as_dict(), "description": settings.normalize.describe()},
+        "training_objects": _object_sizes(stacks),
         "training_data": [{"stack": s.name, "sha256": s.sha256, "targets": s.targets_from} for s in stacks],
         "validation_data": [{"stack": s.name, "sha256": s.sha256, "targets": s.targets_from} for s in val_stacks],
         "final_metrics": {k: v for k, v in log_rows[-1].items() if k.startswith("val_") or k == "loss"},
@@ -414,6 +419,18 @@ def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, secon
         },
     }
     (out_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+
+
+def _object_sizes(stacks: list[_Stack]) -> dict:
+    """Median size (pixels or voxels) of the objects of the training targets: their 4-/6-connected
+    interior components. Segmentation can drop objects much smaller than this
+    (``segment.min_relative_size``), a filter that follows the data instead of a fixed size."""
+    sizes = []
+    for stack in stacks:
+        for target in stack.targets:
+            components, count = ndimage.label(target > 0, structure=ndimage.generate_binary_structure(target.ndim, 1))
+            sizes.extend(np.bincount(components.ravel(), minlength=count + 1)[1:].tolist())
+    return {"objects": len(sizes), "median_size": float(np.median(sizes)) if sizes else 0.0}
 
 
 def weights_digest(state: dict) -> str:

@@ -12,7 +12,9 @@ rule segment:
     params:
         method=config["segment"]["method"],
         threshold=config["segment"]["threshold"],
+        seed_threshold=config["segment"]["seed_threshold"],
         min_size=config["segment"]["min_size"],
+        min_relative_size=config["segment"]["min_relative_size"],
         sigma=config["segment"]["sigma"],
         h=config["segment"]["h"],
     script:

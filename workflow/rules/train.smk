@@ -31,5 +31,6 @@ rule train:
     params:
         model=config["model"],
         train=config["train"],
+        normalize=config["normalize"],
     script:
         "../scripts/train.py"

@@ -14,5 +14,6 @@ rule weight_map:
         w0=config["weight_map"]["w0"],
         sigma=config["weight_map"]["sigma"],
         labels=config["weight_map"]["labels"],
+        separate_touching=config["weight_map"]["separate_touching"],
     script:
         "../scripts/weight_map.py"

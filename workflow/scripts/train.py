@@ -11,7 +11,9 @@ from unet_core.train import TrainSettings, train
 def main(snakemake):
     with logged(snakemake):
         torch.set_num_threads(snakemake.threads)
-        settings = TrainSettings.from_config(dict(snakemake.params.model), dict(snakemake.params.train))
+        settings = TrainSettings.from_config(
+            dict(snakemake.params.model), dict(snakemake.params.train), dict(snakemake.params.normalize)
+        )
         train(
             train_images=list(snakemake.input.images),
             train_weights=list(snakemake.input.weights),

@@ -14,6 +14,7 @@ def main(snakemake):
             w0=snakemake.params.w0,
             sigma=snakemake.params.sigma,
             labels=snakemake.params.labels,
+            separate_touching=snakemake.params.separate_touching,
         )
 
 

@@ -1,0 +1,191 @@
+"""Intensity normalisation of raw stacks, the same in training and prediction.
+
+Two methods (config ``normalize.method``), each per stack or per image (``normalize.scope``):
+
+- ``zscore``: ``(x - mean) / std``. Per stack it is the whole-stack mean and std computed once
+  (:func:`unet_core.io.intensity_statistics`), the behaviour of every model trained before
+  percentile normalisation existed.
+- ``percentile``: ``(x - p_low) / (p_high - p_low)`` with the ``low`` and ``high`` percentiles
+  (1 and 99.8 by default, as in CSBDeep/StarDist): robust to a few very bright objects (mitoses,
+  debris) that would otherwise set the scale, so that dim objects keep their contrast.
+
+``scope: image`` normalises each image the model sees on its own: each plane of a 2D model (per
+t, and per z when a 2D model predicts a z stack plane by plane), each volume of a 3D model (per
+t). That follows photobleaching and focus drift in a time-lapse. ``scope: stack`` uses one set
+of statistics for the whole stack.
+
+Statistics are always taken over whole images, never per block or tile (per-block statistics
+would make seams). The model's checkpoint records the :class:`Normalization` it was trained
+with, and prediction reads it from there, so both normalise with the same function
+(:meth:`NormalizationTable.apply`).
+
+Axis order: images are numpy ``(C, *spatial)``; ``where`` maps loop axes (t, z) to positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import io
+
+__all__ = ["Normalization", "NormalizationTable", "normalization_table", "NORMALIZATION_METHODS",
+           "NORMALIZATION_SCOPES"]
+
+NORMALIZATION_METHODS = ("zscore", "percentile")
+NORMALIZATION_SCOPES = ("stack", "image")
+
+# An image (or stack) of at most this many voxels per channel is read whole for its statistics;
+# a larger one is sampled: _SAMPLE_CHUNKS chunks at evenly spaced positions of its chunk grid,
+# every voxel of them. A percentile of 10^7 voxels is within about 10^-3 of its quantile.
+_EXACT_VOXELS = 1 << 25
+_SAMPLE_CHUNKS = 256
+# The checkpoint of a model trained before this module existed says this.
+_LEGACY = "zscore-per-stack"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw intensities are normalised (config section ``normalize``).
+
+    Examples
+    --------
+    >>> Normalization(method="percentile", scope="image").describe()
+    'percentile 1.0-99.8 per image'
+    """
+
+    method: str = "zscore"
+    scope: str = "stack"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self) -> None:
+        if self.method not in NORMALIZATION_METHODS:
+            raise ValueError(f"normalize.method must be one of {NORMALIZATION_METHODS}, got {self.method!r}")
+        if self.scope not in NORMALIZATION_SCOPES:
+            raise ValueError(f"normalize.scope must be one of {NORMALIZATION_SCOPES}, got {self.scope!r}")
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError(f"normalize.low and normalize.high must be percentiles with 0 <= low < high <= 100, "
+                             f"got low={self.low!r}, high={self.high!r}")
+
+    @classmethod
+    def from_config(cls, section: Mapping | None) -> Normalization:
+        """From the validated ``normalize`` config section (None or {} = the z-score per stack)."""
+        section = dict(section or {})
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown normalize settings {sorted(unknown)}; allowed: "
+                             f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**{k: float(v) if k in ("low", "high") else v for k, v in section.items()})
+
+    @classmethod
+    def from_checkpoint(cls, value) -> Normalization:
+        """What a checkpoint's ``normalization`` entry says (older checkpoints: z-score per stack)."""
+        if value is None or value == _LEGACY:
+            return cls()
+        if isinstance(value, Mapping):
+            return cls.from_config(value)
+        raise ValueError(f"unknown normalization {value!r} in the checkpoint")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        what = "z-score" if self.method == "zscore" else f"percentile {self.low}-{self.high}"
+        return f"{what} per {self.scope}"
+
+
+@dataclass(frozen=True)
+class NormalizationTable:
+    """The offsets and divisors of one stack: one row per image (``scope: image``) or one row.
+
+    Picklable and small (a few floats per image), so blockwise workers carry it.
+    """
+
+    normalization: Normalization
+    loop_axes: tuple[str, ...]
+    loop_shape: tuple[int, ...]
+    offset: tuple[tuple[float, ...], ...]
+    divisor: tuple[tuple[float, ...], ...]
+
+    def row(self, where: Mapping[str, int]) -> int:
+        """Index of the row of the image at loop positions ``where``."""
+        if len(self.offset) == 1:
+            return 0
+        return int(np.ravel_multi_index([where[a] for a in self.loop_axes], self.loop_shape))
+
+    def apply(self, data: np.ndarray, where: Mapping[str, int]) -> np.ndarray:
+        """Normalised float32 copy of ``data`` ``(C, *spatial)`` of the image at ``where``."""
+        k = self.row(where)
+        shape = (-1, *[1] * (data.ndim - 1))
+        offset = np.asarray(self.offset[k], np.float32).reshape(shape)
+        divisor = np.asarray(self.divisor[k], np.float32).reshape(shape)
+        return (np.asarray(data, np.float32) - offset) / divisor
+
+    def as_dict(self, max_rows: int = 4096) -> dict:
+        """For provenance: the settings and the rows (a summary above ``max_rows`` rows)."""
+        result = {**self.normalization.as_dict(), "rows": len(self.offset)}
+        if len(self.offset) <= max_rows:
+            result.update(offset=[list(r) for r in self.offset], divisor=[list(r) for r in self.divisor])
+        return result
+
+
+def normalization_table(image: io.Image, normalization: Normalization, loop_axes: Sequence[str]) -> NormalizationTable:
+    """Statistics of ``image`` for ``normalization``; ``loop_axes`` are the axes whose positions
+    are separate images of the model (t, and z for a 2D model), in the image's order.
+
+    Examples
+    --------
+    A constant image has divisor 1 (it would otherwise divide by 0).
+    """
+    loop_axes = tuple(a for a in image.axes if a in loop_axes)
+    loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
+    if normalization.method == "zscore" and normalization.scope == "stack":
+        mean, std = io.intensity_statistics(image)
+        return NormalizationTable(normalization, loop_axes, loop_shape, (tuple(mean),), (tuple(std),))
+    positions = [dict(zip(loop_axes, p)) for p in np.ndindex(*loop_shape)] if normalization.scope == "image" else [{}]
+    offsets, divisors = [], []
+    for where in positions:
+        values = _values(image, where)
+        if normalization.method == "zscore":
+            offset, divisor = values.mean(axis=1), values.std(axis=1)
+        else:
+            low, high = np.percentile(values, [normalization.low, normalization.high], axis=1)
+            offset, divisor = low, high - low
+        divisor = np.where(divisor > 0, divisor, 1.0)
+        offsets.append(tuple(float(v) for v in offset))
+        divisors.append(tuple(float(v) for v in divisor))
+    return NormalizationTable(normalization, loop_axes, loop_shape, tuple(offsets), tuple(divisors))
+
+
+def _values(image: io.Image, where: Mapping[str, int]) -> np.ndarray:
+    """The voxels of the image at ``where`` as ``(C, N)`` float64: all of them, or those of
+    :data:`_SAMPLE_CHUNKS` evenly spread chunks when there are more than :data:`_EXACT_VOXELS`."""
+    array, axes = image.array, image.axes
+    free = [i for i, a in enumerate(axes) if a not in where and a != "c"]
+    channel = axes.index("c") if "c" in axes else None
+    voxels = math.prod(array.shape[i] for i in free)
+    if voxels <= _EXACT_VOXELS:
+        regions = [tuple(where[a] if a in where else slice(None) for a in axes)]
+    else:
+        grid = [-(-array.shape[i] // array.chunks[i]) for i in free]
+        picks = np.unique(np.linspace(0, math.prod(grid) - 1, _SAMPLE_CHUNKS).round().astype(np.int64))
+        regions = []
+        for flat in picks:
+            position = dict(zip(free, np.unravel_index(int(flat), grid)))
+            regions.append(tuple(
+                where[a] if a in where else slice(None) if i not in position
+                else slice(position[i] * array.chunks[i], (position[i] + 1) * array.chunks[i])
+                for i, a in enumerate(axes)))
+    parts = []
+    for region in regions:
+        block = np.asarray(array[region], np.float64)
+        kept = [a for a in axes if a not in where]
+        if channel is None:
+            parts.append(block.reshape(1, -1))
+        else:
+            parts.append(np.moveaxis(block, kept.index("c"), 0).reshape(block.shape[kept.index("c")], -1))
+    return np.concatenate(parts, axis=1)
