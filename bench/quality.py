@@ -63,7 +63,8 @@ RECIPES = {
     "nuclei-old": ("nuclei.yaml", {"samples": "config/nuclei_bench_samples.tsv",
                                    "normalize": {"method": "zscore", "scope": "stack"},
                                    "weight_map": {"separate_touching": False},
-                                   "segment": {"method": "components", "min_relative_size": 0.0}}, "nuclei"),
+                                   "segment": {"method": "components", "threshold": 0.5,
+                                               "min_relative_size": 0.0}}, "nuclei"),
     "nuclei-new": ("nuclei.yaml", {"samples": "config/nuclei_bench_samples.tsv"}, "nuclei"),
 }
 # The synthetic nuclei stack: frames, height, width, seed; train on frames 0-2, score the rest.
@@ -259,18 +260,24 @@ def _cells3d_table(workdir: Path) -> None:
 
 
 def _nuclei_scores(run: Path, method: str, workdir: Path) -> dict:
-    """Held-out scores of the run's probabilities segmented with ``method`` as nuclei.yaml sets it."""
+    """Held-out scores of the run's probabilities segmented with ``method``: interior_watershed as
+    config/nuclei.yaml sets it, components as before (threshold 0.5, no relative size filter)."""
     import numpy as np
 
     from unet_core import io as unet_io
     from unet_core.metrics import average_precision, merges_and_splits, seg_score
     from unet_core.segment import segment_image
 
+    import yaml
+
     probs = run / "results" / "predictions" / "nuclei_val.ome.zarr"
+    shipped = yaml.safe_load((run / "config" / "nuclei.yaml").read_text())["segment"]
+    settings = {k: v for k, v in shipped.items() if k != "method"}
+    if method == "components":  # what it was before: threshold 0.5, no relative size filter
+        settings.update(threshold=0.5, min_relative_size=0.0)
     out = run / "cross" / f"{method}.ome.zarr"
     if not out.exists():
-        segment_image(probs, out, method=method, threshold=0.5, seed_threshold=0.8, min_size=10,
-                      min_relative_size=0.1 if method == "interior_watershed" else 0.0)
+        segment_image(probs, out, method=method, **settings)
     truth = np.asarray(unet_io.read_labels(run / "results" / "zarr" / "nuclei_val.ome.zarr").array)
     pred = np.asarray(unet_io.open_image(out).array)
     truth_frames, pred_frames = list(truth.reshape(-1, *truth.shape[-2:])), list(pred.reshape(-1, *pred.shape[-2:]))

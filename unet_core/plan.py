@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io
 from .normalize import Normalization, normalization_table
 from .predict import (_architecture, _create_output, _Job, _layout, _probability_scale, _run_blocks, _walk,
                       default_tile_shape, load_model)

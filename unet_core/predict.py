@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -701,7 +702,8 @@ def predict_image(
     loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
     table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
     settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype,
-                "tta": tta, "normalization": table.as_dict(max_rows=10**9)}
+                "tta": tta,
+                "normalization": hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest()}
     fingerprint = _fingerprint(model_path, image, settings)
     partial = output_path.parent / f".{output_path.name}.partial"
     resumed = partial.exists() and _read_fingerprint(partial) == fingerprint

@@ -130,7 +130,7 @@ def close_contacts(labels: np.ndarray, *, gap: int = _CONTACT_GAP) -> np.ndarray
 
 
 def interior_seeds(foreground: np.ndarray, *, sigma: float = 1.0, h: float = 0.1,
-                   seed_threshold: float = 0.5) -> np.ndarray:
+                   seed_threshold: float = 0.8) -> np.ndarray:
     """Where objects are seeded: the top ``h`` of each maximum of the smoothed interior probability
     that rises by more than ``h`` above its surroundings and reaches ``seed_threshold``.
 
@@ -159,7 +159,7 @@ def interior_seeds(foreground: np.ndarray, *, sigma: float = 1.0, h: float = 0.1
 
 
 def interior_watershed(foreground: np.ndarray, seeds: np.ndarray | None = None, *, threshold: float = 0.5,
-                       seed_threshold: float = 0.5, sigma: float = 1.0, h: float = 0.1) -> np.ndarray:
+                       seed_threshold: float = 0.8, sigma: float = 1.0, h: float = 0.1) -> np.ndarray:
     """Objects of an interior probability map, touching ones split: a watershed from one seed each.
 
     ``seeds`` are labelled seeds (:func:`interior_seeds`, 4-/6-connected components; computed here
@@ -199,7 +199,7 @@ def _relabel_blockwise(array, selection, keep: np.ndarray) -> None:
 
 def segment_image(probabilities_path: str | Path, output_path: str | Path, *, threshold: float = 0.5,
                   min_size: int = 0, method: str = "components", sigma: float = 1.0, h: float = 0.1,
-                  seed_threshold: float = 0.5, min_relative_size: float = 0.0) -> Path:
+                  seed_threshold: float = 0.8, min_relative_size: float = 0.0) -> Path:
     """Segment a probability OME-Zarr into an NGFF label image (uint32).
 
     ``method="components"``, blockwise:

@@ -58,7 +58,7 @@ def instances_from_binary(binary: np.ndarray) -> np.ndarray:
 
     Examples
     --------
-    >>> instances_from_binary(np.array([[1, 0, 1], [0, 1, 0]])).max()
+    >>> int(instances_from_binary(np.array([[1, 0, 1], [0, 1, 0]])).max())
     3
     """
     binary = np.asarray(binary)
