@@ -135,11 +135,8 @@ class NormalizationTable:
 
 def normalization_table(image: io.Image, normalization: Normalization, loop_axes: Sequence[str]) -> NormalizationTable:
     """Statistics of ``image`` for ``normalization``; ``loop_axes`` are the axes whose positions
-    are separate images of the model (t, and z for a 2D model), in the image's order.
-
-    Examples
-    --------
-    A constant image has divisor 1 (it would otherwise divide by 0).
+    are separate images of the model (t, and z for a 2D model), in the image's order. A constant
+    image gets divisor 1 (it would otherwise divide by 0).
     """
     loop_axes = tuple(a for a in image.axes if a in loop_axes)
     loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)

@@ -33,6 +33,7 @@ from skimage.segmentation import expand_labels, relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from . import io
+from .weights import neighbour_ids
 
 __all__ = ["instances_from_probabilities", "seeded_watershed", "interior_seeds", "interior_watershed", "close_contacts",
            "segment_image", "SEGMENT_METHODS"]
@@ -118,11 +119,8 @@ def close_contacts(labels: np.ndarray, *, gap: int = _CONTACT_GAP) -> np.ndarray
     """
     labels = np.asarray(labels)
     footprint = ndimage.iterate_structure(ndimage.generate_binary_structure(labels.ndim, 1), gap)
-    largest = ndimage.maximum_filter(labels, footprint=footprint, mode="constant", cval=0)
-    top = int(labels.max()) + 1  # above every id (ndimage's cval is a double: no iinfo.max)
-    smallest = ndimage.minimum_filter(np.where(labels > 0, labels, top), footprint=footprint, mode="constant",
-                                      cval=top)
-    between = (labels == 0) & (largest > 0) & (smallest != top) & (largest != smallest)
+    largest, smallest = neighbour_ids(labels, footprint)
+    between = (labels == 0) & (largest > 0) & (smallest <= labels.max()) & (largest != smallest)
     if not between.any():
         return labels
     grown = expand_labels(labels, distance=gap)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["weight_map", "instances_from_binary", "instances_from_dense", "separate_touching", "true_boundaries",
-           "cells_of", "LABEL_KINDS"]
+__all__ = ["weight_map", "instances_from_binary", "instances_from_dense", "separate_touching", "neighbour_ids",
+           "true_boundaries", "cells_of", "LABEL_KINDS"]
 
 # What a ground-truth label image can hold (config ``weight_map.labels``): instance ids with
 # background 0 between the cells, a binary interior mask, or dense instance ids (every voxel
@@ -98,6 +98,25 @@ def instances_from_dense(labels: np.ndarray) -> np.ndarray:
     return np.where(true_boundaries(labels), 0, labels)
 
 
+def neighbour_ids(labels: np.ndarray, footprint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The largest and the smallest nonzero id within ``footprint`` of each voxel (outside the
+    image counts as background); where no nonzero id is near, the smallest is ``labels.max() + 1``.
+
+    Two different objects are near a voxel exactly where the two differ and both are ids.
+
+    Examples
+    --------
+    >>> [a.tolist() for a in neighbour_ids(np.array([[1, 0, 2, 0]]), np.ones((1, 3), bool))]
+    [[[1, 2, 2, 2]], [[1, 1, 2, 2]]]
+    """
+    labels = np.asarray(labels)
+    top = int(labels.max()) + 1  # above every id (ndimage's cval is a double: no iinfo.max)
+    largest = ndimage.maximum_filter(labels, footprint=footprint, mode="constant", cval=0)
+    smallest = ndimage.minimum_filter(np.where(labels > 0, labels, top), footprint=footprint, mode="constant",
+                                      cval=top)
+    return largest, smallest
+
+
 def separate_touching(labels: np.ndarray) -> np.ndarray:
     """Give touching instances a border: voxels whose 4- (2D) or 6-neighbourhood (3D) holds
     another nonzero id become 0 (background), on both sides of each contact.
@@ -117,11 +136,8 @@ def separate_touching(labels: np.ndarray) -> np.ndarray:
     labels = _check_labels(labels)
     if labels.size == 0:
         return labels.copy()
-    cross = ndimage.generate_binary_structure(labels.ndim, 1)
-    # The largest and the smallest nonzero id in each neighbourhood: a contact where they differ.
-    largest = ndimage.maximum_filter(labels, footprint=cross, mode="nearest")
-    top = int(labels.max()) + 1
-    smallest = ndimage.minimum_filter(np.where(labels > 0, labels, top), footprint=cross, mode="nearest")
+    # A contact where the largest or the smallest nonzero id around differs from the voxel's own.
+    largest, smallest = neighbour_ids(labels, ndimage.generate_binary_structure(labels.ndim, 1))
     contact = (labels > 0) & ((largest != labels) | (smallest != labels))
     return np.where(contact, 0, labels).astype(labels.dtype, copy=False)
 
