@@ -563,10 +563,12 @@ def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
     """Which ground-truth kind, normalisation and segmentation method the run used (model card and
     the segmentations' own attributes, so the report says what was done, not what was asked)."""
     methods = {}
-    kinds = sorted({str(d.get("targets", {}).get("labels", "?")) for d in card.get("training_data", [])
-                    if isinstance(d, dict)})
+    targets = [d.get("targets", {}) for d in card.get("training_data", []) if isinstance(d, dict)]
+    kinds = sorted({(str(t.get("labels", "?")), t.get("separate_touching", True) is not False) for t in targets})
     if kinds:
-        methods["ground truth"] = "; ".join(f"{k}: {_LABEL_KINDS.get(k, k)}" for k in kinds)
+        methods["ground truth"] = "; ".join(
+            f"{k}: {_LABEL_KINDS.get(k, k) if separate or k != 'instances' else 'instance ids, touching kept as they are'}"
+            for k, separate in kinds)
     normalization = card.get("normalization")
     if isinstance(normalization, dict):
         methods["normalisation"] = str(normalization.get("description", normalization))
