@@ -59,7 +59,8 @@ def test_resume_after_sigterm_is_exact(stacks, tmp_path):
     interrupted_at = torch.load(resumed / "checkpoint.pt", weights_only=True)["step"]
     assert 10 <= interrupted_at < 80
     assert not (resumed / "model.pt").exists()
-    subprocess.run(command, check=True, capture_output=True)
+    rerun = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert f"train: resuming from {resumed / 'checkpoint.pt'} at step {interrupted_at} of 80" in rerun.stderr
     a = torch.load(straight / "model.pt", weights_only=True)["model"]
     b = torch.load(resumed / "model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
@@ -84,6 +85,25 @@ def test_changed_settings_start_afresh(stacks, tmp_path):
         train(**kwargs, settings=TrainSettings(**{**SETTINGS, "steps": 6}))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
     assert (tmp_path / "checkpoint.previous.pt").exists()
+
+
+def test_truncated_checkpoint_is_set_aside_and_training_completes(stacks, tmp_path):
+    """A checkpoint cut short (full disk, killed copy) must not fail every later night."""
+    kwargs = dict(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], out_dir=tmp_path,
+                  settings=TrainSettings(**{**SETTINGS, "steps": 4}))
+    train(**kwargs)
+    checkpoint = tmp_path / "checkpoint.pt"
+    truncated = checkpoint.read_bytes()[: checkpoint.stat().st_size // 2]
+    checkpoint.write_bytes(truncated)
+    (tmp_path / "model.pt").unlink()
+    with pytest.warns(UserWarning) as caught:
+        train(**kwargs)
+    aside = list(tmp_path.glob("checkpoint.corrupt-*.pt"))
+    assert len(aside) == 1 and aside[0].read_bytes() == truncated
+    message = " ".join(str(w.message) for w in caught)
+    assert str(checkpoint) in message and "truncated" in message and aside[0].name in message
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert (tmp_path / "model.pt").exists()
 
 
 def test_other_augmentation_code_starts_afresh(stacks, tmp_path, monkeypatch):

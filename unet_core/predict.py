@@ -30,6 +30,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import blocklog, io
+from .checkpoint import read_checkpoint
 from .model import UNet, valid_sizes
 from .normalize import Normalization, NormalizationTable, normalization_table
 from .tiling import axis_origins, read_reflected, tile_origins
@@ -456,11 +457,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable unet_core checkpoint ({error})") from error
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "architecture" not in checkpoint:
+    checkpoint = read_checkpoint(path, device)
+    if "model" not in checkpoint or "architecture" not in checkpoint:
         raise ValueError(f"{path}: not a unet_core checkpoint (missing 'model'/'architecture')")
     model = UNet(**checkpoint["architecture"])
     model.load_state_dict(checkpoint["model"])

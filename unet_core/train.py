@@ -18,6 +18,7 @@ import itertools
 import json
 import platform
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import io
 from .augment import AUGMENTATION_VERSION, augment_batch
+from .checkpoint import CheckpointError, read_checkpoint
 from .loss import weighted_cross_entropy
 from .model import UNet
 from .normalize import Normalization, normalization_table
@@ -282,6 +284,24 @@ def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity,
     tmp.replace(path)
 
 
+def _readable_checkpoint(path: Path, device: torch.device) -> dict | None:
+    """The training state in ``path``, or None when there is none or it cannot be read.
+
+    A file that cannot be read (truncated by a full disk or a killed copy, or refused as
+    unsafe) is set aside as ``checkpoint.corrupt-<time>.pt``, never deleted, so that training
+    starts afresh instead of failing the same way every night.
+    """
+    if not path.exists():
+        return None
+    try:
+        return read_checkpoint(path, device)
+    except CheckpointError as error:
+        aside = path.with_name(f"{path.stem}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
+        path.replace(aside)
+        warnings.warn(f"{error}; set aside as {aside}, training starts afresh", stacklevel=3)
+        return None
+
+
 def train(*, train_images: list[str], train_weights: list[str | None] | None = None, val_images: list[str] = (),
           val_weights: list[str | None] | None = None, out_dir: str | Path, settings: TrainSettings,
           device: str | None = None) -> Path:
@@ -323,8 +343,8 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
     start_step, log_rows = 0, []
     identity = {"settings": asdict(settings), "data": [s.sha256 for s in stacks], "val": [s.sha256 for s in val_stacks],
                 "augmentation": AUGMENTATION_VERSION}
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    state = _readable_checkpoint(checkpoint_path, device)
+    if state is not None:
         if json.loads(state.get("identity", "{}")) != identity:
             # Another configuration, other data or another augmentation: a new training, not a resume.
             stale = checkpoint_path.with_name("checkpoint.previous.pt")
@@ -339,6 +359,7 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             start_step, log_rows = int(state["step"]), json.loads(state["log"])
+            print(f"train: resuming from {checkpoint_path} at step {start_step} of {settings.steps}", file=sys.stderr)
     dataset = TileDataset(stacks, model, settings)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(start_step, settings.steps)), batch_size=None,

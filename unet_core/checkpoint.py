@@ -1,0 +1,64 @@
+"""Reading checkpoint files safely: ``torch.load(weights_only=True)`` with errors that name the file.
+
+A checkpoint is untrusted input (it may come from another facility, a truncated copy or a full
+disk). It is loaded with ``weights_only=True``, so a file that holds pickled code is refused
+and never run; torch's own advice in that case (load it with ``weights_only=False``) is not
+passed on. A truncated or otherwise unreadable file raises :class:`CheckpointError` naming the
+file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "read_checkpoint"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not a checkpoint, or refused as unsafe)."""
+
+
+# torch's refusal starts with this, then advises loading with weights_only=False (which would run
+# the file's code), then names the offending object on a line of its own.
+_REFUSED = "Weights only load failed"
+_ADVICE = ("weights_only", "Weights only", "Check the documentation", "Please file an issue")
+
+
+def _reason(error: Exception) -> str:
+    """What is wrong with the file, in one line, without torch's advice to load it unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith(_REFUSED):
+        detail = next((line for line in lines[1:] if not any(a in line for a in _ADVICE)), "")
+        detail = detail.removeprefix("WeightsUnpickler error:").strip()[:200]
+        return (f"it holds objects other than tensors and plain data{' (' + detail + ')' if detail else ''}; "
+                f"checkpoints are only loaded with weights_only=True, so such a file is refused and never run")
+    first = lines[0].split(". ")[0][:200] if lines else ""
+    if any(a in first for a in _ADVICE):
+        first = ""
+    return f"truncated or not a torch checkpoint ({type(error).__name__}{': ' + first if first else ''})"
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """The contents of a checkpoint file (a dict), loaded with ``weights_only=True``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    CheckpointError
+        The file is truncated, is not a torch checkpoint, holds objects that ``weights_only``
+        refuses, or does not hold a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        contents = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises several types (RuntimeError, UnpicklingError, EOFError, ...)
+        raise CheckpointError(f"{path}: cannot be read: {_reason(error)}") from None
+    if not isinstance(contents, dict):
+        raise CheckpointError(f"{path}: not a unet_core checkpoint (holds a {type(contents).__name__}, "
+                              f"expected a mapping)")
+    return contents
