@@ -1,8 +1,11 @@
-"""scripts/nightly.sh: one run at a time, a log per night, snakemake's exit status."""
+"""scripts/nightly.sh: one run at a time, never beside a live manual run, a log per night,
+snakemake's exit status."""
 
 import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +22,21 @@ def project(repo, tmp_path):
     return tmp_path
 
 
+UNET_CORE = str(Path(sys.executable).with_name("unet-core"))
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
 def _nightly(project, *args, **env):
+    env = {"PATH": "/usr/bin:/bin", "SNAKEMAKE": str(project / "fake-snakemake"), "UNET_CORE": UNET_CORE, **env}
     return subprocess.Popen(["bash", "scripts/nightly.sh", *args], cwd=project, stderr=subprocess.PIPE, text=True,
-                            env={"PATH": "/usr/bin:/bin", "SNAKEMAKE": str(project / "fake-snakemake"), **env})
+                            env=env)
+
+
+def _stale_lock(project):
+    locks = project / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.output.lock").write_text(f"{project}/results/report/index.html\n")
+    return locks / "0.output.lock"
 
 
 def test_second_run_does_not_overlap(project):
@@ -34,7 +49,48 @@ def test_second_run_does_not_overlap(project):
     logs = sorted((project / "logs" / "nightly").glob("*.log"))
     assert len(logs) == 1
     text = logs[0].read_text()
+    assert "finished with status 0" in text
+    assert "--unlock" not in text  # no lock to release
+
+
+def test_stale_lock_is_released(project):
+    lock = _stale_lock(project)
+    assert _nightly(project, "profiles/local").wait(30) == 0
+    text = next((project / "logs" / "nightly").glob("*.log")).read_text()
+    assert f"stale Snakemake lock {lock}" in text
     assert "args: --profile profiles/local --unlock" in text and "finished with status 0" in text
+
+
+def test_stale_lock_is_kept_when_unlocking_is_off(project):
+    lock = _stale_lock(project)
+    run = _nightly(project, "profiles/local", NIGHTLY_UNLOCK="never")
+    assert run.wait(30) == 75
+    assert f"stale Snakemake lock {lock}" in run.stderr.read() and lock.exists()
+    assert not list((project / "logs" / "nightly").glob("*.log"))
+
+
+def test_live_manual_run_is_never_run_beside(project):
+    """A manual `snakemake` in the folder holds its lock: the nightly run exits with a message
+    naming the lock and does not touch it, and the manual run finishes."""
+    (project / "Snakefile").write_text('rule all:\n    output: "done.txt"\n    shell: "sleep 8 && echo ok > {output}"\n')
+    (project / "profiles" / "local").mkdir(parents=True)
+    (project / "profiles" / "local" / "config.yaml").write_text("cores: 1\n")
+    manual = subprocess.Popen([SNAKEMAKE, "--cores", "1"], cwd=project, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    locks = project / ".snakemake" / "locks"
+    deadline = time.time() + 60
+    while not list(locks.glob("*.lock")) and time.time() < deadline and manual.poll() is None:
+        time.sleep(0.1)
+    assert list(locks.glob("*.lock")), "the manual run did not lock the folder"
+    nightly = _nightly(project, "profiles/local", SNAKEMAKE=SNAKEMAKE)
+    assert nightly.wait(60) == 75
+    message = nightly.stderr.read()
+    held = ", ".join(str(p) for p in sorted(locks.glob("*.lock")))
+    assert f"Snakemake lock {held} is held by a live run" in message
+    assert f"pid {manual.pid}" in message
+    assert manual.wait(120) == 0, manual.stdout.read()
+    assert (project / "done.txt").read_text() == "ok\n"
+    assert not list((project / "logs" / "nightly").glob("*.log"))
 
 
 def test_exit_status_is_snakemakes(project):
