@@ -249,6 +249,18 @@ def test_provenance_records_source_and_request(tmp_path):
     assert provenance["ingest"]["request"]["axes"] == "zyx"
 
 
+def test_plain_tiff_description_is_kept_in_provenance(tmp_path):
+    """A microscope's free-text ImageDescription (not OME, not ImageJ) is recorded as written."""
+    text = "Zeiss LSM 980; laser 488 nm 2%; <b>operator</b> A. Person\n" + "x" * 5000
+    src = tmp_path / "plain.tif"
+    tifffile.imwrite(src, U16, description=text, metadata=None)
+    provenance = io.open_image(io.ingest(src, tmp_path / "out.ome.zarr", axes="zyx")).attrs["unet_core"]["provenance"]
+    assert provenance["tiff"]["description"] == text[:4000]
+    imagej = _write(tmp_path / "ij.tif", U16, imagej=True, metadata={"axes": "ZYX"})
+    provenance = io.open_image(io.ingest(imagej, tmp_path / "ij.ome.zarr")).attrs["unet_core"]["provenance"]
+    assert "description" not in provenance["tiff"] and provenance["tiff"]["imagej"]
+
+
 def test_reingest_unchanged_is_a_no_op(tmp_path):
     src = _write(tmp_path / "in.tif", U16)
     lab = _write(tmp_path / "lab.tif", (U16 % 3).astype(np.uint8))

@@ -501,6 +501,10 @@ def _jsonable(value, depth: int = 0):
     return None
 
 
+# A plain TIFF's ImageDescription is free text of any length: this much of it is recorded.
+_DESCRIPTION_CHARS = 4000
+
+
 def _metadata_summary(tif: tifffile.TiffFile, series) -> dict:
     """What the TIFF says about itself, for the provenance record."""
     page = series.keyframe
@@ -515,6 +519,10 @@ def _metadata_summary(tif: tifffile.TiffFile, series) -> dict:
     software = page.tags.get("Software")
     if software is not None:
         summary["software"] = _jsonable(str(software.value))
+    description = page.tags.get("ImageDescription")
+    if description is not None and not (tif.is_ome or tif.is_imagej):
+        # OME-XML and ImageJ descriptions are parsed below; a plain TIFF's is kept as written
+        summary["description"] = str(description.value)[:_DESCRIPTION_CHARS]
     if tif.is_imagej and tif.imagej_metadata:
         summary["imagej"] = {k: v for k, v in _jsonable(tif.imagej_metadata).items()
                              if v is not None and k not in ("Info", "Labels", "Ranges", "LUTs", "Properties")}
