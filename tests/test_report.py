@@ -201,6 +201,28 @@ def test_report_of_a_batch_has_every_section(batch):
     assert summary["complete"] and [s["status"] for s in summary["stacks"]] == ["ok"] * 5
 
 
+def test_skipped_files_and_sheet_roles_are_reported(batch):
+    root, stacks = batch
+    hostile = "raw/<img src=x onerror=alert(1)>.tif"
+    skipped = [{"path": hostile, "reason": "its name holds one of { } < >"}]
+    summary_path = root / "report" / "summary.json"
+    (stacks[1]["metrics"]).unlink()  # failed before evaluate: no role of its own
+    html, page = _report(root, stacks[:2], roles={"s0": "val", "s1": "predict"}, skipped=skipped,
+                         summary_path=summary_path)
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;.tif" in html
+    rows = [[c["text"].strip() for c in row["cells"]] for row in page.tables["skipped-table"]
+            if row["attrs"].get("class") == "skipped"]
+    assert rows == [[hostile, "its name holds one of { } < >"]]
+    overview = _rows(page, "overview")
+    # the evaluated stack keeps the role its metrics record; the failed one gets the sheet's
+    assert [overview[name]["cells"][1]["text"] for name in ("s0", "s1")] == ["predict", "predict"]
+    summary = json.loads(summary_path.read_text())
+    assert summary["skipped"] == skipped
+    assert [(s["stack"], s["role"]) for s in summary["stacks"]] == [("s0", "predict"), ("s1", "predict")]
+    html, page = _report(root, stacks[:1])
+    assert "skipped-table" not in html and 'id="skipped-status"' not in html
+
+
 def test_commit_is_read_from_git_or_unknown(tmp_path, repo):
     expected = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if expected.returncode == 0:
@@ -359,7 +381,13 @@ def corrupt_batch(repo, tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("corrupt_batch"))
     config = work / "config" / "config.yaml"
     # the report needs a model, not a good one: fewer training steps keep the test short
-    config.write_text(config.read_text().replace("steps: 300", "steps: 100"))
+    text = config.read_text().replace("steps: 300", "steps: 100")
+    # the microscopes' folder holds a file whose name Snakemake cannot take: skipped, and said
+    assert "  folder: null\n" in text
+    config.write_text(text.replace("  folder: null\n", "  folder: microscope\n"))
+    (work / "microscope").mkdir()
+    (work / "microscope" / "scan <2>.tif").write_bytes(b"II*\x00")
+    os.utime(work / "microscope" / "scan <2>.tif", (time.time() - 3600, time.time() - 3600))
     corrupt = work / "incoming" / "broken_stack.tif"
     corrupt.parent.mkdir()
     corrupt.write_bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -370,11 +398,14 @@ def corrupt_batch(repo, tmp_path_factory):
     saved = work.parent / f"{work.name}-incomplete-report.html"
     if html_path.exists():
         shutil.copy(html_path, saved)
+    summary_path = work / "results" / "report" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     record = work / "results" / "report" / "incomplete_runs.tsv"
     with open(work / "config" / "samples.tsv") as handle:
         rows = list(csv.DictReader((line for line in handle if not line.startswith("#")), delimiter="\t"))
     return {
         "work": work, "run": run, "html": saved,  # a copy: a later test writes the report again
+        "summary": summary,
         "record": record.read_text().splitlines() if record.exists() else [],
         "others": [r["stack"] for r in rows if r["role"] != "train" and r["stack"] != "broken_stack"],
         "metrics": sorted(p.stem for p in (work / "results" / "metrics").glob("*.json")),
@@ -391,6 +422,21 @@ def test_corrupt_stack_does_not_stop_the_batch(corrupt_batch):
 
 
 @pytest.mark.slow
+def test_skipped_discovered_file_is_listed_with_the_reason(corrupt_batch):
+    """A file in the raw folder that cannot be processed is in the report and summary.json."""
+    assert "scan <2>.tif" in corrupt_batch["run"].stderr  # also said when the workflow starts
+    skipped = corrupt_batch["summary"]["skipped"]
+    assert [item["path"] for item in skipped] == ["microscope/scan <2>.tif"]
+    assert "{ } < >" in skipped[0]["reason"] and "rename the file" in skipped[0]["reason"]
+    html = corrupt_batch["html"].read_text()
+    assert "microscope/scan &lt;2&gt;.tif" in html and "scan <2>" not in html  # escaped
+    rows = [[c["text"].strip() for c in row["cells"]] for row in _parse(html).tables["skipped-table"]
+            if row["attrs"].get("class") == "skipped"]
+    assert rows == [["microscope/scan <2>.tif", skipped[0]["reason"]]]
+    assert 'id="skipped-status"' in html
+
+
+@pytest.mark.slow
 def test_report_lists_the_failed_stack_with_its_error(corrupt_batch):
     assert corrupt_batch["html"].exists(), corrupt_batch["run"].stderr[-3000:]
     html = corrupt_batch["html"].read_text()
@@ -403,7 +449,10 @@ def test_report_lists_the_failed_stack_with_its_error(corrupt_batch):
     assert "broken_stack.tif" in error and "not a readable TIFF file" in error
     overview = _rows(page, "overview")
     assert overview["broken_stack"]["cells"][2]["text"] == "failed (ingest)"
+    assert overview["broken_stack"]["cells"][1]["text"] == "predict"  # its role, from the sample sheet
     assert all(overview[name]["cells"][2]["text"] == "ok" for name in corrupt_batch["others"])
+    summary = corrupt_batch["summary"]
+    assert {s["stack"]: (s["role"], s["status"]) for s in summary["stacks"]}["broken_stack"] == ("predict", "failed")
     assert not (corrupt_batch["work"] / "logs" / "report" / "onerror.log").exists()
     assert corrupt_batch["record"][1].split("\t")[1:3] == ["broken_stack", "yes"]
 

@@ -1,10 +1,12 @@
 """The stack table: sample sheet parsing and raw-folder discovery."""
 
 import os
+from pathlib import Path
 
 import pytest
+from conftest import copy_workflow, run_snakemake
 
-from unet_core.samples import discover_stacks, merge_stacks, read_sample_sheet, stack_name
+from unet_core.samples import discover, discover_stacks, merge_stacks, read_sample_sheet, stack_name
 
 
 def _touch(path, mtime=1_000_000.0):
@@ -50,7 +52,7 @@ def test_stack_names_are_safe(relative, name):
     assert stack_name(relative) == name
 
 
-def test_discovery_pairs_labels_and_waits_for_copies(tmp_path, capsys):
+def test_discovery_pairs_labels_and_waits_for_copies(tmp_path, monkeypatch):
     raw = tmp_path / "raw"
     _touch(raw / "b.tif")
     _touch(raw / "a.tif")
@@ -61,12 +63,22 @@ def test_discovery_pairs_labels_and_waits_for_copies(tmp_path, capsys):
     _touch(raw / "notes.txt")
     _touch(raw / "scan {1}.tif")  # Snakemake syntax in the path: skipped with a warning
     _touch(raw / "scan <2>.tif")
-    stacks = discover_stacks(raw, "*.tif", min_age_s=60, now=1_000_000.0 + 120)
+    _touch(raw / "locked.tif")  # unreadable for this user (os.access says so: root reads anything)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "locked.tif" and access(path, mode))
+    found = discover(raw, "*.tif", min_age_s=60, now=1_000_000.0 + 120)
+    stacks = found.stacks
     assert [(s["stack"], s["role"]) for s in stacks] == [("a", "predict"), ("b", "predict"),
                                                          ("orphan_labels", "predict")]
     assert stacks[0]["labels"] == str(raw / "a_labels.tif") and stacks[1]["labels"] == ""
-    warnings = capsys.readouterr().err
-    assert "scan {1}.tif" in warnings and "scan <2>.tif" in warnings and "rename the file" in warnings
+    assert discover_stacks(raw, "*.tif", min_age_s=60, now=1_000_000.0 + 120) == stacks
+    # every file that is not processed is said, with why (hidden files and other patterns are not)
+    reasons = {Path(s["path"]).name: s["reason"] for s in found.skipped}
+    assert set(reasons) == {"fresh.tif", "scan {1}.tif", "scan <2>.tif", "locked.tif"}
+    assert reasons["fresh.tif"].startswith("modified 20 s ago, still being written or copied")
+    assert "once it is 1 min old" in reasons["fresh.tif"]
+    assert "rename the file" in reasons["scan {1}.tif"] and "{ } < >" in reasons["scan <2>.tif"]
+    assert "permission denied" in reasons["locked.tif"]
 
 
 def test_discovery_disambiguates_and_stays_inside(tmp_path):
@@ -75,9 +87,10 @@ def test_discovery_disambiguates_and_stays_inside(tmp_path):
     _touch(raw / "x_y.tif")
     outside = _touch(tmp_path / "secret.tif")
     (raw / "link.tif").symlink_to(outside)
-    stacks = discover_stacks(raw, "**/*.tif")
+    stacks, skipped = discover(raw, "**/*.tif")
     names = [s["stack"] for s in stacks]
     assert len(set(names)) == 2 and all(n.startswith("x_y-") for n in names)
+    assert [(Path(s["path"]).name, "points outside" in s["reason"]) for s in skipped] == [("link.tif", True)]
     with pytest.raises(ValueError, match="without '..'"):
         discover_stacks(raw, "../*.tif")
     with pytest.raises(ValueError, match="raw folder not found"):
@@ -93,3 +106,40 @@ def test_merge_keeps_sheet_first_and_rejects_name_clash(tmp_path):
     other = [{**sheet[0], "stack": "a", "path": str(tmp_path / "elsewhere.tif")}]
     with pytest.raises(ValueError, match="would be named 'a'"):
         merge_stacks(other, found)
+
+
+def _schema(repo):
+    import yaml
+
+    return yaml.safe_load((repo / "workflow" / "schemas" / "samples.schema.yaml").read_text())
+
+
+@pytest.mark.parametrize("row, problem", [
+    ("a\traw/a.tif\t\ttrian", "column 'role': 'trian' is not one of ['train', 'val', 'predict']"),
+    ("a b\traw/a.tif\t\ttrain", "column 'stack': 'a b' does not match"),
+    ("a\t\t\tpredict", "column 'path': '' should be non-empty"),
+])
+def test_bad_sheet_row_names_the_file_and_line(repo, tmp_path, row, problem):
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("# comment lines count\nstack\tpath\tlabels\trole\nok\traw/ok.tif\t\ttrain\n" + row + "\n")
+    with pytest.raises(ValueError) as error:
+        read_sample_sheet(sheet, _schema(repo))
+    message = str(error.value)
+    assert message.startswith(f"{sheet}, line 4: stack ")
+    assert problem in message
+    assert len(read_sample_sheet(sheet)) == 2  # without a schema the rows are only read
+
+
+def test_bad_sheet_row_in_the_workflow_names_the_file_and_line(repo, tmp_path):
+    """Snakemake's own validate says only "Error validating config file."."""
+    work = copy_workflow(tmp_path / "work")
+    sheet = work / "config" / "samples.tsv"
+    lines = sheet.read_text().splitlines(keepends=True)
+    number = next(i for i, line in enumerate(lines, start=1) if "\tpredict" in line)
+    lines[number - 1] = lines[number - 1].replace("\tpredict", "\tpredcit")
+    sheet.write_text("".join(lines))
+    run = run_snakemake(work, "-n")
+    output = run.stdout + run.stderr  # Snakemake prints its errors to stdout
+    assert run.returncode != 0
+    assert f"config/samples.tsv, line {number}: stack 'timelapse_d': column 'role': 'predcit' is not one of" in output
+    assert "Error validating config file" not in output

@@ -27,7 +27,7 @@ import re
 import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -636,7 +636,8 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
                  config: dict | None = None, title: str = "unet-pipeline", summary_path: str | Path | None = None,
                  logs_dir: str | Path | None = None, benchmarks_dir: str | Path | None = None,
                  source_dir: str | Path | None = None, snakemake_logs: Sequence[str | Path] = (),
-                 incomplete: bool = False, ablation: str | Path | None = None) -> Path:
+                 incomplete: bool = False, ablation: str | Path | None = None,
+                 roles: Mapping[str, str] | None = None, skipped: Sequence[Mapping[str, str]] = ()) -> Path:
     """Render the HTML QC report of a run from the outputs that exist.
 
     Parameters
@@ -672,6 +673,12 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     ablation : path, optional
         A measured ablation table (JSON of bench/quality.py: title, measured, columns, rows,
         reading), shown in its own section.
+    roles : mapping, optional
+        Stack -> role of the sample sheet, shown also for stacks that failed before ``evaluate``
+        recorded theirs.
+    skipped : sequence of mapping
+        Discovered files that were not processed (``path``, ``reason``; see
+        :func:`unet_core.samples.discover`): listed in the report and the summary.
 
     Returns
     -------
@@ -703,6 +710,9 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     for status, flags, scores in zip(ok, qc_flags(results), _outlier_scores(results)):
         status["flags"], status["z"] = flags, scores
     entries = [_stack_entry(s, Path(i), Path(g)) for s, i, g in zip(statuses, images, segmentations)]
+    for entry in entries:
+        entry["role"] = entry["role"] or (roles or {}).get(entry["stack"])
+    skipped = [{"path": str(item["path"]), "reason": str(item["reason"])} for item in skipped]
 
     present = [c for c in _COLUMNS if any(_value(r, c[2], c[3]) is not None for r in results)]
     rows = []
@@ -731,11 +741,12 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
         "config": json.dumps(config or {}, indent=2, default=str),
         "runtime_summary": runtime_summary, "runtime_jobs": runtime_jobs,
         "ablation": _ablation_section(ablation),
-        "methods": methods,
+        "methods": methods, "skipped": skipped,
     })
     if summary_path is not None:
         _atomic_write(Path(summary_path), json.dumps({**_summary(entries, model, counts, incomplete),
-                                                      "methods": methods}, indent=2, default=str))
+                                                      "skipped": skipped, "methods": methods},
+                                                     indent=2, default=str))
     _atomic_write(output_path, html)
     return output_path
 
@@ -743,7 +754,7 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
 def _summary(entries: list[dict], model: dict, counts: dict, stopped_with_errors: bool) -> dict:
     stacks = []
     for entry in entries:
-        item = {"stack": entry["stack"], "status": entry["status"]}
+        item = {"stack": entry["stack"], "role": entry["role"], "status": entry["status"]}
         if entry["status"] == _STATUS_OK:
             item.update(flags=entry.get("flags", []), metrics=entry["result"].get("metrics"))
         else:
@@ -760,7 +771,8 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
                           summary_path: str | Path | None = None, logs_dir: str | Path = "logs",
                           benchmarks_dir: str | Path | None = "benchmarks", source_dir: str | Path | None = None,
                           snakemake_logs: Sequence[str | Path] = (),
-                          ablation: str | Path | None = None) -> Path | None:
+                          ablation: str | Path | None = None, roles: Mapping[str, str] | None = None,
+                          skipped: Sequence[Mapping[str, str]] = ()) -> Path | None:
     """:func:`write_report` for a run that stopped with errors; never raises.
 
     For the workflow's ``onerror`` handler: stacks whose metrics exist are reported, the others
@@ -778,7 +790,8 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
         written = write_report(metrics=metrics, images=images, segmentations=segmentations, model_dir=model_dir,
                                output_path=output_path, config=config, summary_path=summary_path,
                                logs_dir=logs_dir, benchmarks_dir=benchmarks_dir, source_dir=source_dir,
-                               snakemake_logs=snakemake_logs, incomplete=True, ablation=ablation)
+                               snakemake_logs=snakemake_logs, incomplete=True, ablation=ablation,
+                               roles=roles, skipped=skipped)
     except Exception:  # noqa: BLE001 - a broken report must not mask the original error
         _report_problem(logs_dir, "the report of the incomplete run was not written")
     try:

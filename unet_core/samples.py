@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["read_sample_sheet", "discover_stacks", "merge_stacks", "stack_name"]
+__all__ = ["read_sample_sheet", "check_row", "discover", "discover_stacks", "Discovery", "merge_stacks", "stack_name"]
 
 COLUMNS = ("stack", "path", "labels", "role", "axes", "subset")
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
@@ -29,24 +30,56 @@ def _row(**values: str) -> dict[str, str]:
     return {column: (values.get(column) or "").strip() for column in COLUMNS}
 
 
-def read_sample_sheet(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a tab-separated sample sheet (``#`` lines are comments), in file order.
+def check_row(row: dict[str, str], schema: dict, where: str) -> None:
+    """Check one stack row against the sample-sheet JSON schema.
 
     Raises
     ------
     ValueError
-        The sheet is missing, lacks the required columns, or names a stack twice.
+        Naming ``where`` (the sheet and its line), the stack, the column, the value and what
+        the column must hold; every problem of the row, one per line.
+    """
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(row), key=lambda e: list(e.path)):
+        column = str(error.path[0]) if error.path else None
+        described = schema.get("properties", {}).get(column, {}).get("description")
+        text = f"column {column!r}: {error.message}" if column else error.message
+        problems.append(text + (f" ({column}: {described})" if described else ""))
+    if problems:
+        raise ValueError(f"{where}: stack {row.get('stack')!r}: " + "; ".join(problems))
+
+
+def read_sample_sheet(path: str | Path, schema: dict | None = None) -> list[dict[str, str]]:
+    """Rows of a tab-separated sample sheet (``#`` lines are comments), in file order.
+
+    With ``schema`` (``workflow/schemas/samples.schema.yaml``), each row is checked against
+    it and a bad row is named by the sheet's file name and line number.
+
+    Raises
+    ------
+    ValueError
+        The sheet is missing, lacks the required columns, names a stack twice, or (with
+        ``schema``) has a row that breaks it.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: sample sheet not found (config key 'samples')")
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader((line for line in handle if not line.startswith("#")), delimiter="\t")
-        missing = {"stack", "path", "role"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; the sheet is tab-separated with "
-                             f"columns {', '.join(COLUMNS)}")
-        rows = [_row(**{k: v for k, v in row.items() if k in COLUMNS}) for row in reader]
+        numbered = [(number, line) for number, line in enumerate(handle, start=1) if not line.startswith("#")]
+    reader = csv.DictReader((line for _, line in numbered), delimiter="\t")
+    missing = {"stack", "path", "role"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; the sheet is tab-separated with "
+                         f"columns {', '.join(COLUMNS)}")
+    rows = []
+    for record in reader:
+        row = _row(**{k: v for k, v in record.items() if k in COLUMNS})
+        if schema is not None:
+            check_row(row, schema, f"{path}, line {numbered[reader.line_num - 1][0]}")
+        rows.append(row)
     _check_unique(rows, str(path))
     for row in rows:
         for column in ("path", "labels"):
@@ -88,15 +121,43 @@ def stack_name(relative: str | Path) -> str:
     return name or "stack"
 
 
-def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
-                    min_age_s: float = 0.0, now: float | None = None) -> list[dict[str, str]]:
+class Discovery(NamedTuple):
+    """What a raw folder holds: the stacks to process, and the files skipped with the reason."""
+
+    stacks: list[dict[str, str]]
+    skipped: list[dict[str, str]]  # {"path": ..., "reason": ...}, in path order
+
+
+def _skip_reason(path: Path, root: Path, real_root: Path, now: float, min_age_s: float) -> str | None:
+    """Why a matching file cannot be a stack in this run (None: it can)."""
+    if not path.resolve().is_relative_to(real_root):
+        return f"points outside {root} (a symbolic link); only files inside the raw folder are processed"
+    try:
+        age = now - path.stat().st_mtime
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if age < min_age_s:
+        ago = f"{max(age, 0):.0f} s" if age < 120 else f"{age / 60:.0f} min"
+        return (f"modified {ago} ago, still being written or copied: taken once it is "
+                f"{min_age_s / 60:g} min old (discover.min_age_minutes)")
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    if _SNAKEMAKE_SYNTAX.search(str(path)):
+        return "its name holds one of { } < >, which Snakemake reads as wildcards or path variables; rename the file"
+    return None
+
+
+def discover(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
+             min_age_s: float = 0.0, now: float | None = None) -> Discovery:
     """``predict`` stacks for the files matching ``pattern`` in ``folder`` (new files = new stacks).
 
     A file ``X<labels_suffix>.tif`` beside ``X.tif`` is X's ground truth (evaluated, not a
     stack of its own). Files modified less than ``min_age_s`` seconds ago are still being
     written by the microscope or a copy job and wait for the next run; files whose real path
-    lies outside ``folder`` (symbolic links) are skipped with a warning. Names that collide
-    after sanitising get a short hash of their relative path appended.
+    lies outside ``folder`` (symbolic links), unreadable files and names that Snakemake cannot
+    take are skipped. Every skipped file is returned with its reason (the report lists them);
+    hidden files and folders (``.name``, e.g. rsync's temporary copies) are ignored. Names that
+    collide after sanitising get a short hash of their relative path appended.
 
     Raises
     ------
@@ -111,17 +172,13 @@ def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix
     real_root = root.resolve()
     now = time.time() if now is None else now
     found: dict[str, Path] = {}
+    skipped = []
     for path in sorted(root.glob(pattern)):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+        if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
             continue
-        if not path.resolve().is_relative_to(real_root):
-            print(f"warning: {path} points outside {root}; skipped", file=sys.stderr)
-            continue
-        if now - path.stat().st_mtime < min_age_s:
-            continue
-        if _SNAKEMAKE_SYNTAX.search(str(path)):
-            print(f"warning: {path}: the characters {{ }} < > cannot appear in a Snakemake input path; "
-                  f"rename the file to process it; skipped", file=sys.stderr)
+        reason = _skip_reason(path, root, real_root, now, min_age_s)
+        if reason is not None:
+            skipped.append({"path": str(path), "reason": reason})
             continue
         found[path.relative_to(root).as_posix()] = path
     stacks = []
@@ -139,7 +196,13 @@ def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix
                     labels = str(candidate)
                     break
         stacks.append(_row(stack=stack_name(relative), path=str(path), labels=labels, role="predict"))
-    return _disambiguate(stacks, root)
+    return Discovery(_disambiguate(stacks, root), skipped)
+
+
+def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
+                    min_age_s: float = 0.0, now: float | None = None) -> list[dict[str, str]]:
+    """The stacks of :func:`discover` (without the skipped files)."""
+    return discover(folder, pattern, labels_suffix=labels_suffix, min_age_s=min_age_s, now=now).stacks
 
 
 def _disambiguate(stacks: list[dict[str, str]], root: Path) -> list[dict[str, str]]:

@@ -1,11 +1,13 @@
 # Sample sheet, config validation and input functions shared by all rules.
 import re
+import sys
 from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
 from unet_core.demo import DEMO_STACKS
-from unet_core.samples import discover_stacks, merge_stacks, read_sample_sheet
+from unet_core.samples import check_row, discover, merge_stacks, read_sample_sheet
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -29,24 +31,31 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 
 def _read_samples():
-    """The batch: the sample sheet's rows, then stacks discovered in the raw folder."""
-    sheet = read_sample_sheet(config["samples"])
-    discover = config["discover"]
-    found = []
-    if discover["folder"]:
-        found = discover_stacks(
-            discover["folder"],
-            discover["pattern"],
-            labels_suffix=discover["labels_suffix"],
-            min_age_s=60 * discover["min_age_minutes"],
+    """The batch: the sample sheet's rows, then stacks discovered in the raw folder; and the
+    discovered files that were skipped (listed in the report with the reason)."""
+    schema_path = (
+        Path(workflow.current_basedir) / ".." / "schemas" / "samples.schema.yaml"
+    )
+    with open(schema_path) as handle:
+        schema = yaml.safe_load(handle)
+    sheet = read_sample_sheet(config["samples"], schema)
+    settings = config["discover"]
+    found, skipped = [], []
+    if settings["folder"]:
+        found, skipped = discover(
+            settings["folder"],
+            settings["pattern"],
+            labels_suffix=settings["labels_suffix"],
+            min_age_s=60 * settings["min_age_minutes"],
         )
-    stacks = merge_stacks(sheet, found)
-    for row in stacks.values():
-        validate(row, schema="../schemas/samples.schema.yaml")
-    return stacks
+    for item in skipped:
+        print(f"discover: skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    for row in found:
+        check_row(row, schema, f"{row['path']} (discovered in {settings['folder']})")
+    return merge_stacks(sheet, found), skipped
 
 
-SAMPLES = _read_samples()
+SAMPLES, SKIPPED = _read_samples()
 MODEL = config["model_name"]
 TRAIN = [s for s, row in SAMPLES.items() if row["role"] == "train"]
 VAL = [s for s, row in SAMPLES.items() if row["role"] == "val"]

@@ -38,6 +38,8 @@ rule report:
         "../../envs/unet.yaml"
     params:
         config=config,
+        roles={stack: SAMPLES[stack]["role"] for stack in PREDICT},
+        skipped=SKIPPED,
         logs_dir="logs",
         benchmarks_dir="benchmarks",
     script:
@@ -56,6 +58,8 @@ onerror:
         summary_path=rules.report.output.summary,
         record_path=INCOMPLETE_RUNS,
         config=config,
+        roles=rules.report.params.roles,
+        skipped=SKIPPED,
         logs_dir=rules.report.params.logs_dir,
         benchmarks_dir=rules.report.params.benchmarks_dir,
         source_dir=workflow.basedir,

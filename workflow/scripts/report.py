@@ -17,6 +17,8 @@ def main(snakemake):
             output_path=snakemake.output.html,
             summary_path=snakemake.output.summary,
             config=dict(snakemake.params.config),
+            roles=dict(snakemake.params.roles),
+            skipped=list(snakemake.params.skipped),
             logs_dir=snakemake.params.logs_dir,
             benchmarks_dir=snakemake.params.benchmarks_dir,
             source_dir=Path(snakemake.scriptdir).parents[1],
