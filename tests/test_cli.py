@@ -13,6 +13,25 @@ def test_one_subcommand_per_stage():
     assert {"demo-data", "ingest", "weight-map", "train", "predict", "segment", "evaluate", "report"} <= set(commands)
 
 
+def test_help_is_plain_text_and_every_option_is_explained():
+    parser = build_parser()
+    text = parser.format_help()
+    assert "``" not in text and ":func:" not in text and "COMMAND --help" in text
+    for name, command in parser._subparsers._group_actions[0].choices.items():
+        assert "``" not in command.format_help(), name
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help, f"unet-core {name}: {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_snakemake_lock_command_exit_codes(tmp_path, capsys):
+    assert main(["snakemake-lock", str(tmp_path)]) == 0
+    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("x\n")
+    assert main(["snakemake-lock", str(tmp_path)]) == 3
+    assert "stale Snakemake lock" in capsys.readouterr().out
+
+
 def test_demo_data_is_deterministic_and_has_ground_truth(tmp_path):
     assert main(["demo-data", str(tmp_path / "a"), "--seed", "3"]) == 0
     assert main(["demo-data", str(tmp_path / "b"), "--seed", "3"]) == 0
