@@ -13,6 +13,10 @@ shift $(( $# > 0 ? 1 : 0 ))
 snakemake="${SNAKEMAKE:-.venv/bin/snakemake}"
 unet_core="${UNET_CORE:-.venv/bin/unet-core}"
 unlock="${NIGHTLY_UNLOCK:-stale}"
+if [[ "$unlock" != stale && "$unlock" != never ]]; then
+    echo "NIGHTLY_UNLOCK must be 'stale' (the default) or 'never', got '$unlock'" >&2
+    exit 2
+fi
 mkdir -p logs/nightly
 log="logs/nightly/$(date +%Y-%m-%dT%H%M%S).log"
 
@@ -23,7 +27,7 @@ if ! flock --nonblock 9; then
 fi
 
 # Snakemake's own lock: never break the lock of a live run (unet_core.snakemake_lock).
-lock_state="$("$unet_core" snakemake-lock .)"
+lock_state="$("$unet_core" snakemake-lock . 2>&1)"
 lock_status=$?
 case "$lock_status" in
     0) ;;
@@ -41,9 +45,15 @@ esac
 {
     echo "$(date -Is) nightly run: profile $profile, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     if [[ "$lock_status" == 3 ]]; then
-        # Left behind by a killed run (power cut, scancel of the head job): release it.
-        echo "$(date -Is) $lock_state; releasing it (snakemake --unlock)"
-        "$snakemake" --profile "$profile" --unlock "$@"
+        # Left behind by a killed run (power cut, scancel of the head job): release it, after
+        # looking once more (a manual run may have unlocked and started meanwhile).
+        lock_state="$("$unet_core" snakemake-lock . 2>&1)"
+        if [[ $? == 3 ]]; then
+            echo "$(date -Is) $lock_state; releasing it (snakemake --unlock)"
+            "$snakemake" --profile "$profile" --unlock "$@"
+        else
+            echo "$(date -Is) the stale lock changed meanwhile: $lock_state"
+        fi
     fi
     "$snakemake" --profile "$profile" "$@"
     status=$?

@@ -15,6 +15,10 @@ class _RunsCode:
         return (os.system, ("echo this must never run",))
 
 
+class _Plain:
+    """A harmless class that torch does not block outright: it advises allowlisting it instead."""
+
+
 def test_reads_a_plain_checkpoint(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save({"step": 3, "model": {"w": torch.ones(2)}}, path)
@@ -22,17 +26,19 @@ def test_reads_a_plain_checkpoint(tmp_path):
     assert contents["step"] == 3 and torch.equal(contents["model"]["w"], torch.ones(2))
 
 
-@pytest.mark.parametrize("save", [torch.save, lambda obj, path: path.write_bytes(pickle.dumps(obj))],
-                         ids=["torch.save", "plain pickle"])
-def test_pickled_code_is_refused_without_torchs_advice(tmp_path, save):
+@pytest.mark.parametrize("save, payload", [
+    (torch.save, _RunsCode), (lambda obj, path: path.write_bytes(pickle.dumps(obj)), _RunsCode), (torch.save, _Plain),
+], ids=["os.system torch.save", "os.system plain pickle", "unknown class"])
+def test_pickled_code_is_refused_without_torchs_advice(tmp_path, save, payload):
     path = tmp_path / "evil.pt"
-    save({"model": _RunsCode()}, path)
+    save({"model": payload()}, path)
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(path)
     message = str(error.value)
     assert str(path) in message and "refused and never run" in message
     # torch's own message advises weights_only=False, which would run the file's code
     assert "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert "safe_globals" not in message and "Please" not in message  # allowlisting is as unsafe
     with pytest.raises(CheckpointError, match="refused"):
         load_model(path)
 

@@ -72,7 +72,10 @@ def test_stale_lock_is_kept_when_unlocking_is_off(project):
 def test_live_manual_run_is_never_run_beside(project):
     """A manual `snakemake` in the folder holds its lock: the nightly run exits with a message
     naming the lock and does not touch it, and the manual run finishes."""
-    (project / "Snakefile").write_text('rule all:\n    output: "done.txt"\n    shell: "sleep 8 && echo ok > {output}"\n')
+    # the manual run's job waits until the test lets it finish (no race with a fixed sleep)
+    (project / "hold").touch()
+    (project / "Snakefile").write_text('rule all:\n    output: "done.txt"\n'
+                                       '    shell: "while [ -e hold ]; do sleep 0.1; done; echo ok > {output}"\n')
     (project / "profiles" / "local").mkdir(parents=True)
     (project / "profiles" / "local" / "config.yaml").write_text("cores: 1\n")
     manual = subprocess.Popen([SNAKEMAKE, "--cores", "1"], cwd=project, stdout=subprocess.PIPE,
@@ -88,9 +91,16 @@ def test_live_manual_run_is_never_run_beside(project):
     held = ", ".join(str(p) for p in sorted(locks.glob("*.lock")))
     assert f"Snakemake lock {held} is held by a live run" in message
     assert f"pid {manual.pid}" in message
+    (project / "hold").unlink()
     assert manual.wait(120) == 0, manual.stdout.read()
     assert (project / "done.txt").read_text() == "ok\n"
     assert not list((project / "logs" / "nightly").glob("*.log"))
+
+
+def test_unknown_unlock_policy_is_refused(project):
+    run = _nightly(project, "profiles/local", NIGHTLY_UNLOCK="no")
+    assert run.wait(30) == 2
+    assert "NIGHTLY_UNLOCK must be 'stale' (the default) or 'never', got 'no'" in run.stderr.read()
 
 
 def test_exit_status_is_snakemakes(project):

@@ -207,7 +207,7 @@ def test_skipped_files_and_sheet_roles_are_reported(batch):
     skipped = [{"path": hostile, "reason": "its name holds one of { } < >"}]
     summary_path = root / "report" / "summary.json"
     (stacks[1]["metrics"]).unlink()  # failed before evaluate: no role of its own
-    html, page = _report(root, stacks[:2], roles={"s0": "val", "s1": "predict"}, skipped=skipped,
+    html, page = _report(root, stacks[:2], roles={"s0": "val", "s1": "val"}, skipped=skipped,
                          summary_path=summary_path)
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;.tif" in html
     rows = [[c["text"].strip() for c in row["cells"]] for row in page.tables["skipped-table"]
@@ -215,10 +215,10 @@ def test_skipped_files_and_sheet_roles_are_reported(batch):
     assert rows == [[hostile, "its name holds one of { } < >"]]
     overview = _rows(page, "overview")
     # the evaluated stack keeps the role its metrics record; the failed one gets the sheet's
-    assert [overview[name]["cells"][1]["text"] for name in ("s0", "s1")] == ["predict", "predict"]
+    assert [overview[name]["cells"][1]["text"] for name in ("s0", "s1")] == ["predict", "val"]
     summary = json.loads(summary_path.read_text())
     assert summary["skipped"] == skipped
-    assert [(s["stack"], s["role"]) for s in summary["stacks"]] == [("s0", "predict"), ("s1", "predict")]
+    assert [(s["stack"], s["role"]) for s in summary["stacks"]] == [("s0", "predict"), ("s1", "val")]
     html, page = _report(root, stacks[:1])
     assert "skipped-table" not in html and 'id="skipped-status"' not in html
 

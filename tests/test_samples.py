@@ -75,8 +75,7 @@ def test_discovery_pairs_labels_and_waits_for_copies(tmp_path, monkeypatch):
     # every file that is not processed is said, with why (hidden files and other patterns are not)
     reasons = {Path(s["path"]).name: s["reason"] for s in found.skipped}
     assert set(reasons) == {"fresh.tif", "scan {1}.tif", "scan <2>.tif", "locked.tif"}
-    assert reasons["fresh.tif"].startswith("modified 20 s ago, still being written or copied")
-    assert "once it is 1 min old" in reasons["fresh.tif"]
+    assert reasons["fresh.tif"].startswith("modified less than 1 min ago (discover.min_age_minutes), still being")
     assert "rename the file" in reasons["scan {1}.tif"] and "{ } < >" in reasons["scan <2>.tif"]
     assert "permission denied" in reasons["locked.tif"]
 

@@ -1,8 +1,10 @@
 """unet_core.snakemake_lock: a Snakemake lock is live while a Snakemake process works in the folder."""
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +19,22 @@ def _lock(folder):
     return sorted(locks.glob("*.lock"))
 
 
-def _running(argv, cwd):
+def _running(argv, cwd, name):
+    """Start ``argv`` in ``cwd`` and wait until its command line shows ``name`` (exec done)."""
     process = subprocess.Popen(argv, cwd=cwd)
-    time.sleep(0.3)  # exec done, cwd set
+    deadline = time.time() + 30
+    while name not in Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.time() < deadline, f"{argv} did not start"
+        time.sleep(0.02)
     return process
+
+
+def _rule_script(folder):
+    """A rule script as Snakemake runs it: ``python .snakemake/scripts/tmp<x>.<name>.py``."""
+    script = folder / ".snakemake" / "scripts" / "tmpab12.predict.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("import time\ntime.sleep(20)\n")
+    return [sys.executable, "-u", ".snakemake/scripts/tmpab12.predict.py"]
 
 
 def test_no_lock_is_free(tmp_path):
@@ -35,13 +49,13 @@ def test_lock_without_a_process_is_stale(tmp_path):
     assert str(files[0]) in state.describe() and "stale" in state.describe()
 
 
-@pytest.mark.parametrize("argv", [
-    ["bash", "-c", "exec -a snakemake sleep 20"],                                   # snakemake itself
-    [sys.executable, "-c", "import time; time.sleep(20)", ".snakemake/scripts/tmpab12.predict.py"],  # a rule script
-], ids=["snakemake", "rule script"])
-def test_live_process_in_the_folder_holds_the_lock(tmp_path, argv):
+@pytest.mark.parametrize("kind", ["snakemake", "rule script"])
+def test_live_process_in_the_folder_holds_the_lock(tmp_path, kind):
     files = _lock(tmp_path)
-    process = _running(argv, tmp_path)
+    if kind == "snakemake":
+        process = _running(["bash", "-c", "exec -a snakemake sleep 20"], tmp_path, "snakemake")
+    else:
+        process = _running(_rule_script(tmp_path), tmp_path, "tmpab12")
     try:
         state = lock_state(tmp_path)
         assert state.status == "held"
@@ -59,7 +73,7 @@ def test_live_process_in_the_folder_holds_the_lock(tmp_path, argv):
 
 def test_a_run_still_starting_holds_the_folder(tmp_path):
     """A Snakemake process that has not written its lock yet must not be run beside either."""
-    process = _running(["bash", "-c", "exec -a snakemake sleep 20"], tmp_path)
+    process = _running(["bash", "-c", "exec -a snakemake sleep 20"], tmp_path, "snakemake")
     try:
         state = lock_state(tmp_path)
         assert state.status == "held" and state.lock_files == ()
@@ -69,14 +83,27 @@ def test_a_run_still_starting_holds_the_folder(tmp_path):
         process.wait()
 
 
-def test_other_programs_do_not_count(tmp_path):
+@pytest.mark.parametrize("argv", [
+    ["sleep", "20"],
+    ["bash", "-c", "sleep 20; echo snakemake .snakemake/scripts/x.py"],  # the words as arguments only
+    [sys.executable, "-c", "import time; time.sleep(20)", "snakemake"],
+])
+def test_other_programs_do_not_count(tmp_path, argv):
     _lock(tmp_path)
-    process = _running(["sleep", "20"], tmp_path)
+    process = _running(argv, tmp_path, argv[-1][:5])
     try:
         assert lock_state(tmp_path).status == "stale"
     finally:
         process.kill()
         process.wait()
+
+
+def test_lock_of_another_user_is_never_called_stale(tmp_path, monkeypatch):
+    """Another user's processes may be invisible (their working directory cannot be read)."""
+    files = _lock(tmp_path)
+    monkeypatch.setattr(os, "getuid", lambda: files[0].stat().st_uid + 1)
+    state = lock_state(tmp_path)
+    assert state.status == "held" and "written by another user" in state.describe()
 
 
 def test_not_a_folder(tmp_path):

@@ -9,6 +9,7 @@ file and what is wrong with it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def _reason(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if lines and lines[0].startswith(_REFUSED):
         detail = next((line for line in lines[1:] if not any(a in line for a in _ADVICE)), "")
+        # keep what the object is, not torch's advice to allowlist it (as unsafe as weights_only=False)
+        detail = re.split(r"\s+was not an allowed global|\.\s+Please use", detail)[0]
         detail = detail.removeprefix("WeightsUnpickler error:").strip()[:200]
         return (f"it holds objects other than tensors and plain data{' (' + detail + ')' if detail else ''}; "
                 f"checkpoints are only loaded with weights_only=True, so such a file is refused and never run")

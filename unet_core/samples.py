@@ -137,9 +137,9 @@ def _skip_reason(path: Path, root: Path, real_root: Path, now: float, min_age_s:
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
     if age < min_age_s:
-        ago = f"{max(age, 0):.0f} s" if age < 120 else f"{age / 60:.0f} min"
-        return (f"modified {ago} ago, still being written or copied: taken once it is "
-                f"{min_age_s / 60:g} min old (discover.min_age_minutes)")
+        # no age in the text: it is a parameter of the report, which a changing text would rerun
+        return (f"modified less than {min_age_s / 60:g} min ago (discover.min_age_minutes), still being "
+                f"written or copied: taken by the first run after that")
     if not os.access(path, os.R_OK):
         return "cannot be read (permission denied)"
     if _SNAKEMAKE_SYNTAX.search(str(path)):
@@ -174,8 +174,10 @@ def discover(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str =
     found: dict[str, Path] = {}
     skipped = []
     for path in sorted(root.glob(pattern)):
-        if any(part.startswith(".") for part in path.relative_to(root).parts) or path.is_dir():
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
+        if not path.is_file() and not path.is_symlink():
+            continue  # folders, sockets, FIFOs
         reason = _skip_reason(path, root, real_root, now, min_age_s)
         if reason is not None:
             skipped.append({"path": str(path), "reason": reason})
