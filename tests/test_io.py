@@ -221,17 +221,17 @@ def test_label_pyramid_is_stride_subsampled(tmp_path):
 
 
 def test_ome_zarr_readers_accept_output(tmp_path):
-    ome_zarr = pytest.importorskip("ome_zarr.reader")
+    import ome_zarr.reader
+    import ome_zarr_models.v04 as models
     from ome_zarr.io import parse_url
 
     data = rng.integers(0, 1000, (2, 700, 600)).astype(np.uint16)
     src = _write(tmp_path / "in.tif", data, imagej=True, metadata={"axes": "ZYX"})
     lab = _write(tmp_path / "lab.tif", (data > 500).astype(np.uint8))
     out = io.ingest(src, tmp_path / "out.ome.zarr", labels_path=lab)
-    nodes = list(ome_zarr.Reader(parse_url(str(out)))())
+    nodes = list(ome_zarr.reader.Reader(parse_url(str(out)))())
     assert [d.shape for d in nodes[0].data] == [(2, 700, 600), (1, 350, 300)]
     assert [d.shape for d in nodes[-1].data] == [(2, 700, 600), (1, 350, 300)]
-    models = pytest.importorskip("ome_zarr_models.v04")
     group = zarr.open_group(out, mode="r")
     models.Image.from_zarr(group)
     models.ImageLabel.from_zarr(group["labels/ground_truth"])

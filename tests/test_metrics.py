@@ -413,7 +413,6 @@ def test_seg_hand_computed():
 
 @pytest.mark.parametrize("shape", [(64, 64), (10, 32, 32)], ids=["2d", "3d"])
 def test_seg_equals_py_ctcmetrics(tmp_path, shape):
-    pytest.importorskip("ctc_metrics")
     import tifffile
     from ctc_metrics.metrics import seg
     from ctc_metrics.utils.representations import match
@@ -432,7 +431,6 @@ def test_seg_equals_py_ctcmetrics(tmp_path, shape):
 
 
 def test_seg_equals_py_ctcmetrics_on_real_labels(tmp_path, isbi_labels):
-    pytest.importorskip("ctc_metrics")
     import tifffile
     from ctc_metrics.metrics import seg
     from ctc_metrics.utils.representations import match

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import distributed
 import numpy as np
 import pytest
 import tifffile
@@ -124,7 +125,6 @@ def test_kill_and_resume_computes_only_missing_blocks(tmp_path):
 
 
 def test_distributed_cluster_gives_same_output(tmp_path):
-    distributed = pytest.importorskip("distributed")
     _, path = _model_file(tmp_path / "m.pt")
     data = np.random.default_rng(4).integers(0, 255, (3, 64, 96)).astype(np.uint8)
     image_path = _image(tmp_path, data, "TYX")
@@ -146,7 +146,6 @@ def test_lost_worker_blocks_are_redone_and_logged(tmp_path, caplog):
     """SIGKILL one busy worker process past half-way: its task runs again elsewhere, skips the
     blocks its log holds, redoes the rest (logged), and the output equals the local scheduler's.
     Four tasks on two workers: at 5/8 of the blocks each worker is inside its second task."""
-    distributed = pytest.importorskip("distributed")
     _, path = _model_file(tmp_path / "m.pt")
     data = np.random.default_rng(6).integers(0, 255, (24, 128, 128)).astype(np.uint8)
     image_path = _image(tmp_path, data, "TYX")
