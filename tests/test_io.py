@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import zarr
 
-from unet_core import io
+from unet_core import atomic, io
 
 
 def _write(path, data, **kwargs):
@@ -408,7 +408,7 @@ def _dead_pid():
 def test_stale_partials_of_killed_runs_are_removed(tmp_path):
     src = _write(tmp_path / "in.tif", U16)
     legacy = tmp_path / f".out.ome.zarr.partial-{_dead_pid()}"
-    current = tmp_path / f".out.ome.zarr.partial-{io._host()}-{_dead_pid()}"
+    current = tmp_path / f".out.ome.zarr.partial-{atomic.host_name()}-{_dead_pid()}"
     foreign = tmp_path / ".out.ome.zarr.partial-otherhost-12345"
     for stale in (legacy, current, foreign):
         (stale / "0").mkdir(parents=True)
@@ -459,28 +459,6 @@ def test_open_image_rejects_non_ome_zarr(tmp_path):
     zarr.open_group(tmp_path / "plain.zarr", mode="w", zarr_format=2)
     with pytest.raises(ValueError, match="not an OME-Zarr image"):
         io.open_image(tmp_path / "plain.zarr")
-
-
-def test_atomic_directory_keeps_previous_output_on_error(tmp_path):
-    target = tmp_path / "result"
-    target.mkdir()
-    (target / "old.txt").write_text("previous")
-    with pytest.raises(RuntimeError):
-        with io.atomic_directory(target) as tmp:
-            (tmp / "new.txt").write_text("half")
-            raise RuntimeError("crash")
-    assert (target / "old.txt").read_text() == "previous"
-    assert not list(tmp_path.glob(".result.partial*"))
-
-
-def test_atomic_directory_replaces_previous_output(tmp_path):
-    target = tmp_path / "result"
-    target.mkdir()
-    (target / "old.txt").write_text("previous")
-    with io.atomic_directory(target) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
 
 
 def test_intensity_statistics(tmp_path):

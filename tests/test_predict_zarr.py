@@ -204,3 +204,41 @@ def test_bad_inputs_raise_and_publish_nothing(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"no output tile fits the memory budget of 1 MiB"):
             predict_image(path3d, volume, target, block_shape=block, device="cpu")
     assert not target.exists() and not list(tmp_path.glob(".out.ome.zarr*"))
+
+
+PREDICT_KILLED_AT = """
+import os, signal, sys
+from unet_core import atomic
+from unet_core.predict import predict_image
+def hook(name):
+    if name == sys.argv[4]:
+        os.kill(os.getpid(), signal.SIGKILL)
+atomic._STEP_HOOK = hook
+predict_image(sys.argv[1], sys.argv[2], sys.argv[3], block_shape=(32, 32), dtype="float32")
+"""
+
+
+@pytest.mark.parametrize("step, after", [("exchange", "old"), ("cleanup", "new")])
+def test_kill_while_publishing_never_leaves_the_output_missing_or_half_written(tmp_path, step, after):
+    """A rerun with another model over an existing output, SIGKILLed at each step of publishing."""
+    data = np.random.default_rng(8).integers(0, 255, (2, 64, 64)).astype(np.uint8)
+    image_path = _image(tmp_path, data, "TYX")
+    _, first = _model_file(tmp_path / "first.pt")
+    torch.manual_seed(1)
+    other = UNet(base_channels=4, depth=2, dropout=0.0)
+    second = tmp_path / "second.pt"
+    torch.save({"model": other.state_dict(), "architecture": other.config()}, second)
+    references = {}
+    for name, model in (("old", first), ("new", second)):
+        predict_image(model, image_path, tmp_path / f"{name}.ome.zarr", block_shape=(32, 32), dtype="float32")
+        references[name] = np.asarray(io.open_image(tmp_path / f"{name}.ome.zarr").array[:])
+    assert not np.array_equal(references["old"], references["new"])
+    target = tmp_path / "out.ome.zarr"
+    predict_image(first, image_path, target, block_shape=(32, 32), dtype="float32")
+    run = subprocess.run([sys.executable, "-c", PREDICT_KILLED_AT, str(second), str(image_path), str(target), step])
+    assert run.returncode == -signal.SIGKILL
+    np.testing.assert_array_equal(np.asarray(io.open_image(target).array[:]), references[after])
+    # the rerun finishes the job: the new output, nothing left beside it
+    predict_image(second, image_path, target, block_shape=(32, 32), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(io.open_image(target).array[:]), references["new"])
+    assert not list(tmp_path.glob(".out.ome.zarr*"))

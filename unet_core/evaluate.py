@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import io
+from .atomic import write_text
 from .isbi import isbi_scores
 from .metrics import (average_precision, boundary_average_precision, foreground_scores, instance_agreement,
                       merges_and_splits, object_sizes, probability_qc, seg_score)
@@ -28,13 +28,6 @@ GROUND_TRUTH_KINDS = ("instances", "binary", "dense")
 # The classical baseline of dense ground truth: seeded watershed of the boundary stain smoothed
 # by a Gaussian of sigma voxels, seeds at its h-minima (h in the stain's grey levels).
 DEFAULT_BASELINE = {"sigma": 2.0, "h": 1.0}
-
-
-def _write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
-    os.replace(tmp, path)
 
 
 def _slope(values: list[float]) -> float:
@@ -150,5 +143,5 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
         else:
             metrics.update(isbi_scores(np.stack(isbi_probs), np.stack(isbi_truth).astype(np.uint8)))
         result["metrics"] = metrics
-    _write_json(Path(output_path), result)
+    write_text(output_path, json.dumps(result, indent=2, allow_nan=True))
     return result

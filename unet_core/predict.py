@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 import time
@@ -30,6 +29,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import blocklog, io
+from .atomic import publish
 from .checkpoint import read_checkpoint
 from .model import UNet, valid_sizes
 from .normalize import Normalization, NormalizationTable, normalization_table
@@ -735,9 +735,8 @@ def predict_image(
         raise RuntimeError(f"{output_path}: {missing} of {total} blocks did not finish; rerun to complete them")
     shutil.rmtree(_log_dir(partial))
     (partial / ".fingerprint.json").unlink()
-    if output_path.exists():
-        shutil.rmtree(output_path)
-    os.rename(partial, output_path)
+    # One atomic step (unet_core.atomic): killed anywhere, the output is the old one or the new one.
+    publish(partial, output_path)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
 
 
@@ -808,7 +807,7 @@ def _create_output(path: Path, model: UNet, layout: _Layout, dtype: str, name: s
     out_shape = [model.n_classes if a == "c" else image.shape[image.axes.index(a)] for a in out_axes]
     chunks = [model.n_classes if a == "c" else 1 if a in layout.loop_axes else layout.block_shape[layout.spatial.index(a)]
               for a in out_axes]
-    io._create_image(path, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks, name, attributes,
+    io.create_image(path, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks, name, attributes,
                      compressor=io.FAST_COMPRESSOR)
 
 

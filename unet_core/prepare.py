@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import io
+from .atomic import atomic_directory
 from .weights import LABEL_KINDS, cells_of, weight_map
 
 __all__ = ["prepare_targets"]
@@ -45,14 +46,14 @@ def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: in
     loop_axes = [a for a in truth.axes if a not in spatial]
     spacing = [truth.scale.get(a, 1.0) for a in spatial]
     output_path = Path(output_path)
-    with io.atomic_directory(output_path) as tmp:
+    with atomic_directory(output_path) as tmp:
         import zarr
         group = zarr.open_group(tmp, mode="w", zarr_format=2)
         chunks = io.default_chunks(truth.axes, truth.shape)
         target = group.create_array("target", shape=truth.shape, dtype="uint8", chunks=chunks,
-                                    compressors=io._COMPRESSOR, fill_value=0)
+                                    compressors=io.COMPRESSOR, fill_value=0)
         weight = group.create_array("weight", shape=truth.shape, dtype="float32", chunks=chunks,
-                                    compressors=io._COMPRESSOR, fill_value=0)
+                                    compressors=io.COMPRESSOR, fill_value=0)
         group.attrs.update({"axes": truth.axes, "w0": w0, "sigma": sigma, "ndim": ndim, "spacing": spacing,
                             "labels": labels, "source": str(image_path)})
         if labels == "instances":

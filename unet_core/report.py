@@ -34,6 +34,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import io
+from .atomic import write_text
 from .metrics import flag_outlier_stacks
 
 __all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
@@ -624,13 +625,6 @@ def _render(context: dict) -> str:
     return environment.get_template("report.html.j2").render(**context)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
                  segmentations: Sequence[str | Path], model_dir: str | Path, output_path: str | Path,
                  config: dict | None = None, title: str = "unet-pipeline", summary_path: str | Path | None = None,
@@ -744,10 +738,10 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
         "methods": methods, "skipped": skipped,
     })
     if summary_path is not None:
-        _atomic_write(Path(summary_path), json.dumps({**_summary(entries, model, counts, incomplete),
+        write_text(Path(summary_path), json.dumps({**_summary(entries, model, counts, incomplete),
                                                       "skipped": skipped, "methods": methods},
                                                      indent=2, default=str))
-    _atomic_write(output_path, html)
+    write_text(output_path, html)
     return output_path
 
 

@@ -31,6 +31,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from . import io
+from .atomic import atomic_file, write_text
 from .augment import AUGMENTATION_VERSION, augment_batch
 from .checkpoint import CheckpointError, read_checkpoint
 from .loss import weighted_cross_entropy
@@ -279,9 +280,8 @@ def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _readable_checkpoint(path: Path, device: torch.device) -> dict | None:
@@ -413,9 +413,9 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
 def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, seconds, device) -> None:
     _write_log(out_dir / "training_log.tsv", log_rows)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"model": weights, "architecture": model.config(), "normalization": settings.normalize.as_dict(),
-                "tile": settings.tile, "step": settings.steps, "training_objects": _object_sizes(stacks)},
-               out_dir / "model.pt")
+    with atomic_file(out_dir / "model.pt") as tmp:
+        torch.save({"model": weights, "architecture": model.config(), "normalization": settings.normalize.as_dict(),
+                    "tile": settings.tile, "step": settings.steps, "training_objects": _object_sizes(stacks)}, tmp)
     exported = _export_torchscript(model, out_dir / "model.torchscript.pt")
     card = {
         "architecture": model.config(),
@@ -439,7 +439,7 @@ def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, secon
                    "bench/quality.py --repeat retrains and compares.",
         },
     }
-    (out_dir / "model_card.json").write_text(json.dumps(card, indent=2))
+    write_text(out_dir / "model_card.json", json.dumps(card, indent=2))
 
 
 def _object_sizes(stacks: list[_Stack]) -> dict:
@@ -471,7 +471,8 @@ def _export_torchscript(model: UNet, path: Path) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             scripted = torch.jit.script(model.cpu().to(memory_format=torch.contiguous_format))
-            scripted.save(str(path))
+            with atomic_file(path) as tmp:
+                scripted.save(str(tmp))
         return path.name
     except Exception:  # scripting support varies across torch versions
         path.unlink(missing_ok=True)
@@ -481,7 +482,7 @@ def _export_torchscript(model: UNet, path: Path) -> str | None:
 def _write_log(path: Path, rows: list[dict]) -> None:
     order = ["step", "loss", "lr", "seconds"]
     columns = sorted({k for row in rows for k in row}, key=lambda k: order.index(k) if k in order else len(order))
-    with open(path, "w", newline="") as handle:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t", restval="")
         writer.writeheader()
         writer.writerows(rows)
