@@ -84,7 +84,7 @@ def _create(path: Path, shape, dtype, chunks):
     from unet_core import io
 
     group = zarr.open_group(path, mode="w", zarr_format=2)
-    return group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, compressors=io._COMPRESSOR, fill_value=0,
+    return group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, compressors=io.COMPRESSOR, fill_value=0,
                               chunk_key_encoding={"name": "v2", "separator": "/"},
                               config={"write_empty_chunks": True}), group
 
@@ -122,7 +122,7 @@ def run_route(route: str, source: Path, output: Path) -> None:
                 del acc
                 level = group.create_array(str(number), shape=shape, dtype=data.dtype,
                                            chunks=tuple(min(c, n) for c, n in zip(chunks, shape)),
-                                           compressors=io._COMPRESSOR, fill_value=0,
+                                           compressors=io.COMPRESSOR, fill_value=0,
                                            chunk_key_encoding={"name": "v2", "separator": "/"},
                                            config={"write_empty_chunks": True})
                 level[:] = previous

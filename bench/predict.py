@@ -66,8 +66,10 @@ from torch import nn  # noqa: E402
 
 from unet_core import io  # noqa: E402
 from unet_core.model import UNet, valid_sizes  # noqa: E402
-from unet_core.predict import (_MEMORY_SAFETY, CPU_MEMORY_BUDGET, _default_block_shape,  # noqa: E402
-                               default_tile_shape, forward_memory, predict_image, predict_tiled)
+from unet_core.cost import (CPU_MEMORY_BUDGET, MEMORY_SAFETY, default_block_shape, default_tile_shape,  # noqa: E402
+                            forward_memory)
+from unet_core.overlap_tile import predict_tiled  # noqa: E402
+from unet_core.predict import predict_image  # noqa: E402
 from unet_core.tiling import tile_origins  # noqa: E402
 
 MiB = 2**20
@@ -151,7 +153,7 @@ def memory_format(ndim: int) -> torch.memory_format:
 
 def live_bytes(model: UNet, input_shape) -> float:
     """The bytes of the tensors alive at the peak of a CPU forward pass: forward_memory without its safety factor."""
-    return forward_memory(model, input_shape) / _MEMORY_SAFETY["cpu"]
+    return forward_memory(model, input_shape) / MEMORY_SAFETY["cpu"]
 
 
 def equal_memory_roi(twin: UNet, budget: int) -> int:
@@ -190,7 +192,7 @@ def block_plan(model: UNet, spatial_shape, block_shape=None, tile_shape=None) ->
     """
     grid = 2**model.depth
     if block_shape is None:
-        block_shape = _default_block_shape(model, spatial_shape, "cpu", tile_shape)
+        block_shape = default_block_shape(model, spatial_shape, "cpu", tile_shape)
     plan: collections.Counter = collections.Counter()
     for origin in itertools.product(*(range(0, s, b) for s, b in zip(spatial_shape, block_shape))):
         size = tuple(min(b, s - o) for b, s, o in zip(block_shape, spatial_shape, origin))
@@ -278,7 +280,7 @@ def _child(argument: str) -> None:
         if spec.get("output"):
             predict_image(spec["model"], spec["image"], spec["output"], dtype="uint8", device="cpu")
         else:
-            from unet_core.predict import load_model
+            from unet_core.checkpoint import load_model
             load_model(spec["model"])
         # VmHWM, not ru_maxrss: ru_maxrss carries the parent's RSS over fork + exec
         print(json.dumps({"maxrss_mib": _peak_rss() / MiB, "seconds": time.perf_counter() - start}))
@@ -300,7 +302,7 @@ def part_a(args, workdir: Path, model: UNet, model_path: Path, image_path: Path)
     spatial = (args.size, args.size)
     pixels = args.planes * args.size**2
     default_tile = default_tile_shape(model, spatial, "cpu")
-    default_block = _default_block_shape(model, spatial, "cpu")
+    default_block = default_block_shape(model, spatial, "cpu")
     variants = {"default block": (None, None)}
     if args.compare_block:
         tile = (args.compare_tile,) * 2 if args.compare_tile else None
@@ -441,7 +443,7 @@ def _compare(label: str, model: UNet, images: list[np.ndarray], budget: int, rep
             (f"MONAI roi by the forward_memory estimate {roi_est}^{n}", "twin", twin, None, (roi_est,) * n),
             (f"MONAI roi filling the budget by measurement {roi}^{n}", "twin", twin, None, (roi,) * n))
     print(f"    budget {budget / MiB:.0f} MiB; forward peak in MiB: measured (x budget; forward_memory estimate, "
-          f"live bytes = estimate / {_MEMORY_SAFETY['cpu']}; measured / live)")
+          f"live bytes = estimate / {MEMORY_SAFETY['cpu']}; measured / live)")
     peaks = {}
     for text, kind, _, _, shape in rows:
         if (kind, shape) not in cache:

@@ -1,7 +1,7 @@
 """Benchmark: blockwise prediction as the block count grows, and storage latency hidden by pipelining.
 
 Only scheduling, bookkeeping and I/O are timed: a stand-in replaces the model's forward pass
-(``unet_core.predict._forward``) with constant probabilities of the right shape, so each block
+(``unet_core.overlap_tile.forward_probabilities``) with constant probabilities of the right shape, so each block
 still reads its input with the real context (the margin of a depth-4 2D U-Net, 92 px), is
 normalised, tiled and written as an OME-Zarr chunk, and is recorded in its task's log.
 
@@ -43,15 +43,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from unet_core import UNet, io  # noqa: E402
+from unet_core import cost, overlap_tile  # noqa: E402
 from unet_core import predict as predict_module  # noqa: E402
 from unet_core.predict import default_tile_shape, predict_image  # noqa: E402
+from unet_core.tiling import axis_origins  # noqa: E402
 
 BLOCK = 64
 PLANE = 6400  # 100 x 100 blocks of 64 px per plane
 
 
 def _stand_in_forward(compute_s: float = 0.0):
-    """A replacement for predict._forward: constant probabilities of the model's output shape."""
+    """A replacement for overlap_tile.forward_probabilities: constant probabilities of the model's output shape."""
 
     def forward(model, x, tta):
         if compute_s:
@@ -73,7 +75,7 @@ def _model(path: Path) -> UNet:
 def _virtual_volume(path: Path, planes: int, size: int) -> Path:
     """An OME-Zarr image of zarr metadata only: chunks read as zeros, nothing on disk."""
     path.mkdir(parents=True)
-    io._create_image(path, "tyx", (planes, size, size), "uint8", (1.0, 1.0, 1.0), (1, 512, 512), path.name)
+    io.create_image(path, "tyx", (planes, size, size), "uint8", (1.0, 1.0, 1.0), (1, 512, 512), path.name)
     return path
 
 
@@ -83,9 +85,9 @@ class _StandInPlugin:
     name = "unet-stand-in"
 
     def setup(self, worker):
-        import unet_core.predict
+        import unet_core.overlap_tile
 
-        unet_core.predict._forward = _stand_in_forward()
+        unet_core.overlap_tile.forward_probabilities = _stand_in_forward()
 
 
 def _volume_shape(blocks: int) -> tuple[int, int]:
@@ -124,16 +126,16 @@ def _run_child(args: list[str]) -> dict:
 def _terabyte_fraction(per_block_s: float, gpu_tmacs: float) -> None:
     """Blocks of 1 TB at the default CUDA block of the paper model, and their overhead."""
     paper = UNet(base_channels=64, depth=4, dropout=0.0)
-    budget = int(80e9 * predict_module._CUDA_BUDGET_FRACTION)
+    budget = int(80e9 * cost.CUDA_BUDGET_FRACTION)
     side = 10_000  # 10^4 planes of 10^4 x 10^4 uint8 = 1 TB
     tile = default_tile_shape(paper, (side, side), "cuda", memory_budget=budget)
     grid = 2**paper.depth
-    block = predict_module._default_block_shape(paper, (side, side), "cuda", tile_shape=tile)
+    block = cost.default_block_shape(paper, (side, side), "cuda", tile_shape=tile)
     per_plane = math.prod(-(-side // b) for b in block)
     blocks = side * per_plane
-    arch = predict_module._architecture(paper)
-    _, macs = predict_module._walk(arch, paper.input_shape_for(tile), 1, False)
-    tiles_per_block = math.prod(len(predict_module.axis_origins(b, t, grid)) for b, t in zip(block, tile))
+    arch = cost.architecture(paper)
+    _, macs = cost.walk(arch, paper.input_shape_for(tile), 1, False)
+    tiles_per_block = math.prod(len(axis_origins(b, t, grid)) for b, t in zip(block, tile))
     compute_s = blocks * tiles_per_block * macs / (gpu_tmacs * 1e12)
     overhead_s = blocks * per_block_s
     print(f"1 TB (10^4 planes of 10^4 x 10^4 uint8), paper 2D U-Net on an 80 GB GPU: tile {tile}, default block "
@@ -165,20 +167,20 @@ def overhead(sizes: list[int], tmp_root: Path, gpu_tmacs: float) -> None:
 
 def _latency_run(image: Path, output: Path, model_path: Path, compute_s: float, latency_s: float) -> float:
     """Seconds of predict_image (one stream) with the stand-in model and an added read latency."""
-    original_input, original_forward = predict_module._block_input, predict_module._forward
+    original_input, original_forward = predict_module.read_block_input, overlap_tile.forward_probabilities
 
     def slow_input(*args, **kwargs):
         time.sleep(latency_s)
         return original_input(*args, **kwargs)
 
-    predict_module._block_input = slow_input
-    predict_module._forward = _stand_in_forward(compute_s)
+    predict_module.read_block_input = slow_input
+    overlap_tile.forward_probabilities = _stand_in_forward(compute_s)
     try:
         began = time.perf_counter()
         predict_image(model_path, image, output, block_shape=(BLOCK, BLOCK), scheduler="threads", device="cpu")
         return time.perf_counter() - began
     finally:
-        predict_module._block_input, predict_module._forward = original_input, original_forward
+        predict_module.read_block_input, overlap_tile.forward_probabilities = original_input, original_forward
         shutil.rmtree(output, ignore_errors=True)
 
 

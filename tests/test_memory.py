@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from unet_core import UNet
-from unet_core.predict import (CPU_MEMORY_BUDGET, _MEMORY_SAFETY, _architecture, _default_block_shape, _walk,
-                               default_tile_shape, forward_memory)
+from unet_core.cost import (CPU_MEMORY_BUDGET, MEMORY_SAFETY, architecture, default_block_shape, default_tile_shape,
+                            forward_memory, walk)
 from unet_core.tiling import tile_origins
 
 MiB = 2**20
 
-# Runs in a fresh process: the peak of one inference pass through predict's own _forward, after a
+# Runs in a fresh process: the peak of one inference pass through overlap_tile.forward_probabilities, after a
 # warm-up pass of the same shape, as the growth of VmHWM (reset with clear_refs) plus the input
 # batch allocated before the reset. A fixed mmap threshold makes glibc return every freed feature
 # map to the kernel, so the RSS follows the tensors alive (the default dynamic threshold keeps
@@ -27,7 +27,7 @@ _CHILD = """
 import json, sys
 import numpy as np, torch
 from unet_core import UNet
-from unet_core.predict import _forward, _memory_format
+from unet_core.overlap_tile import forward_probabilities, memory_format
 
 def peak_rss():
     with open("/proc/self/status") as status:
@@ -36,15 +36,15 @@ def peak_rss():
 spec = json.loads(sys.argv[1])
 torch.manual_seed(0)
 model = UNet(in_channels=spec["channels"], base_channels=spec["base"], depth=spec["depth"], ndim=spec["ndim"],
-             batch_norm=spec["batch_norm"]).eval().to(memory_format=_memory_format(spec["ndim"]))
+             batch_norm=spec["batch_norm"]).eval().to(memory_format=memory_format(spec["ndim"]))
 x = torch.from_numpy(np.random.default_rng(0).standard_normal(
     (spec["batch"], spec["channels"], *spec["shape"])).astype(np.float32))
 with torch.inference_mode():
-    _forward(model, x, False)
+    forward_probabilities(model, x, False)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = peak_rss()
-    _forward(model, x, False)
+    forward_probabilities(model, x, False)
     print(json.dumps({"peak": peak_rss() - before + x.numel() * 4}))
 """
 
@@ -92,7 +92,7 @@ def test_forward_memory_equals_measured_peak(ndim, shape, options):
                               batch=batch, batch_norm=model.batch_norm)
     estimate = forward_memory(model, shape, batch)
     assert measured > 20 * MiB  # large enough for the allocator's small change not to matter
-    assert estimate / _MEMORY_SAFETY["cpu"] == pytest.approx(measured, rel=0.02)
+    assert estimate / MEMORY_SAFETY["cpu"] == pytest.approx(measured, rel=0.02)
     assert estimate >= measured
 
 
@@ -151,10 +151,10 @@ def test_default_tile_needs_least_computation_among_fitting_tiles(ndim, spatial,
     """Brute force over every valid tile up to one that covers the image, with a budget of a
     fraction of that covering tile's memory."""
     model = UNet(base_channels=4, depth=2, ndim=ndim)
-    arch, grid = _architecture(model), 4
+    arch, grid = architecture(model), 4
 
     def work(tile):
-        return len(tile_origins(spatial, tile, grid)) * _walk(arch, model.input_shape_for(tile), 1, True)[1]
+        return len(tile_origins(spatial, tile, grid)) * walk(arch, model.input_shape_for(tile), 1, True)[1]
 
     lengths = [[t for t in range(4, s + grid + 1, grid) if t >= grid or t >= s] for s in spatial]
     budget = int(fraction * forward_memory(model, model.input_shape_for(tuple(axis[-1] for axis in lengths))))
@@ -198,7 +198,7 @@ def test_default_block_is_a_multiple_of_the_tile_step(ndim, depth, spatial):
     model = UNet(base_channels=16, depth=depth, ndim=ndim)
     grid = 2**depth
     tile = default_tile_shape(model, spatial, "cpu")
-    block = _default_block_shape(model, spatial, "cpu")
+    block = default_block_shape(model, spatial, "cpu")
     for b, t, s in zip(block, tile, spatial):
         step = max(t // grid * grid, grid)
         assert b % grid == 0
@@ -218,20 +218,20 @@ def test_default_block_is_a_multiple_of_the_tile_step(ndim, depth, spatial):
 def test_forward_memory_on_cuda(ndim, shape):
     """Against torch.cuda.max_memory_allocated of a trial pass: the estimate covers it, and the walk
     (no safety factor) is within 10 % of it (cuDNN workspaces come on top of the tensors)."""
-    from unet_core.predict import _forward, _memory_format
+    from unet_core.overlap_tile import forward_probabilities, memory_format
 
     torch.manual_seed(0)
     model = UNet(base_channels=16, depth=4 if ndim == 2 else 3, ndim=ndim).eval()
-    model.to("cuda", memory_format=_memory_format(ndim))
+    model.to("cuda", memory_format=memory_format(ndim))
     x = torch.randn(1, 1, *shape, device="cuda")
     with torch.inference_mode():
-        _forward(model, x, False)
+        forward_probabilities(model, x, False)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _forward(model, x, False)
+        forward_probabilities(model, x, False)
         torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - before + x.numel() * 4
     estimate = forward_memory(model, shape, device="cuda")
     assert measured <= estimate
-    assert estimate / _MEMORY_SAFETY["cuda"] == pytest.approx(measured, rel=0.10)
+    assert estimate / MEMORY_SAFETY["cuda"] == pytest.approx(measured, rel=0.10)

@@ -25,7 +25,7 @@ def test_plan_of_a_terabyte_volume_reads_metadata_only_and_answers_in_seconds(tm
     model = _model(tmp_path / "m.pt", base_channels=4, depth=2)
     volume = tmp_path / "tera.ome.zarr"
     volume.mkdir()
-    io._create_image(volume, "zyx", (10_000, 10_000, 10_000), "uint8", (1.0, 1.0, 1.0), (64, 256, 256), volume.name)
+    io.create_image(volume, "zyx", (10_000, 10_000, 10_000), "uint8", (1.0, 1.0, 1.0), (64, 256, 256), volume.name)
     began = time.perf_counter()
     assert main(["plan", "--input", str(volume), "--model", str(model), "--workers", "16", "--device", "cpu"]) == 0
     elapsed = time.perf_counter() - began
@@ -57,7 +57,7 @@ def test_plan_refuses_what_predict_refuses(tmp_path):
     model = _model(tmp_path / "m.pt", base_channels=4, depth=2)
     volume = tmp_path / "v.ome.zarr"
     volume.mkdir()
-    io._create_image(volume, "zyx", (4, 64, 64), "uint8", (1.0, 1.0, 1.0), (4, 64, 64), volume.name)
+    io.create_image(volume, "zyx", (4, 64, 64), "uint8", (1.0, 1.0, 1.0), (4, 64, 64), volume.name)
     with pytest.raises(ValueError, match="2D model cannot predict the 3D volume"):
         plan_prediction(model, volume, planewise=False)
     with pytest.raises(ValueError, match="block_shape"):

@@ -6,7 +6,7 @@ the unet-pipeline Snakemake workflow. Nothing here imports snakemake.
 
 from .loss import weighted_cross_entropy
 from .model import UNet
-from .predict import predict_tiled
+from .overlap_tile import predict_tiled
 from .weights import instances_from_binary, weight_map
 
 __all__ = ["UNet", "weighted_cross_entropy", "weight_map", "instances_from_binary", "predict_tiled"]

@@ -10,11 +10,16 @@ file and what is wrong with it.
 from __future__ import annotations
 
 import re
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "read_checkpoint"]
+from .atomic import atomic_file
+from .model import UNet
+
+__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint", "read_or_set_aside", "load_model"]
 
 
 class CheckpointError(ValueError):
@@ -65,3 +70,44 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise CheckpointError(f"{path}: not a unet_core checkpoint (holds a {type(contents).__name__}, "
                               f"expected a mapping)")
     return contents
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Load a checkpoint written by :mod:`unet_core.train` (``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    checkpoint = read_checkpoint(path, device)
+    if "model" not in checkpoint or "architecture" not in checkpoint:
+        raise ValueError(f"{path}: not a unet_core checkpoint (missing 'model'/'architecture')")
+    model = UNet(**checkpoint["architecture"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def write_checkpoint(path: str | Path, contents: dict) -> Path:
+    """``torch.save`` of ``contents`` (tensors and plain data) to ``path``, atomically
+    (:func:`unet_core.atomic.atomic_file`: the bytes are those of a direct ``torch.save``)."""
+    with atomic_file(path) as tmp:
+        torch.save(contents, tmp)
+    return Path(path)
+
+
+def read_or_set_aside(path: str | Path, device: torch.device | str = "cpu") -> dict | None:
+    """The contents of ``path``, or None when there is none or it cannot be read.
+
+    A file that cannot be read (truncated by a full disk or a killed copy, or refused as
+    unsafe) is set aside as ``<stem>.corrupt-<time><suffix>``, never deleted, with a warning
+    naming both files, so that the caller starts afresh instead of failing the same way every
+    night.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return read_checkpoint(path, device)
+    except CheckpointError as error:
+        aside = path.with_name(f"{path.stem}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
+        path.replace(aside)
+        warnings.warn(f"{error}; set aside as {aside}, training starts afresh", stacklevel=3)
+        return None

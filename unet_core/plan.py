@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_model
+from .cost import architecture, default_tile_shape, walk
 from .normalize import Normalization, normalization_table
-from .predict import (_architecture, _create_output, _Job, _layout, _probability_scale, _run_blocks, _walk,
-                      default_tile_shape, load_model)
+from .predict import Job, block_layout, create_output, probability_scale, run_blocks
 from .tiling import axis_origins
 
 __all__ = ["Plan", "plan_prediction"]
@@ -96,12 +97,12 @@ def _relative_work(model, layout, tile_shape, device: str, batch_size: int) -> f
     """Work of all blocks in units of one full block: per block size (interior and border blocks
     differ per axis), tiles x multiply-accumulates of a pass, with the tile predict would use."""
     grid = 2**model.depth
-    arch = _architecture(model)
+    arch = architecture(model)
 
     def work(size):
         tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, size, device, batch_size=batch_size)
         passes = math.prod(len(axis_origins(n, t, grid)) for n, t in zip(size, tile))
-        _, macs = _walk(arch, model.input_shape_for(tile), batch_size, torch.device(device).type == "cpu")
+        _, macs = walk(arch, model.input_shape_for(tile), batch_size, torch.device(device).type == "cpu")
         return passes * macs
 
     per_axis = []  # (length, how many blocks have it) per axis
@@ -124,12 +125,12 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    scale = _probability_scale(dtype)
+    scale = probability_scale(dtype)
     model_path, image_path = Path(model_path), Path(image_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     model, checkpoint = load_model(model_path, "cpu")
-    layout = _layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
+    layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
     image = layout.image
     full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
     tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, full, device, batch_size=batch_size)
@@ -145,9 +146,9 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     with tempfile.TemporaryDirectory(prefix="unet-plan-") as scratch:
         output = Path(scratch) / "plan.ome.zarr"
         output.mkdir()
-        _create_output(output, model, layout, dtype, output.name, {})
+        create_output(output, model, layout, dtype, output.name, {})
         (output / ".blocks").mkdir()
-        job = _Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
+        job = Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
                    layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "")
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
         # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
@@ -156,7 +157,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         done = []
         with ThreadPoolExecutor(1) as thread:
             began = time.perf_counter()
-            thread.submit(_run_blocks, job, "warm-up", picks[:1]).result()
+            thread.submit(run_blocks, job, "warm-up", picks[:1]).result()
             warm_up = time.perf_counter() - began
             startup += warm_up
             # at least calibration_blocks, more while they take under _CALIBRATION_SECONDS together
@@ -164,7 +165,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
                         _MAX_CALIBRATION_BLOCKS)
             timed = _calibration_ids(layout, count)
             began = time.perf_counter()
-            thread.submit(_run_blocks, job, "calibration", timed, lambda n: done.append(time.perf_counter())).result()
+            thread.submit(run_blocks, job, "calibration", timed, lambda n: done.append(time.perf_counter())).result()
             ended = time.perf_counter()
     if len(done) > 1:  # the median interval: one noisy block does not set the estimate
         per_block = float(np.median(np.diff(done)))

@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 from . import io
 from .atomic import atomic_file, write_text
 from .augment import AUGMENTATION_VERSION, augment_batch
-from .checkpoint import CheckpointError, read_checkpoint
+from .checkpoint import read_or_set_aside, write_checkpoint
 from .loss import weighted_cross_entropy
 from .model import UNet
 from .normalize import Normalization, normalization_table
-from .predict import predict_tiled
+from .overlap_tile import predict_tiled
 from .tiling import read_reflected
 from .weights import cells_of, weight_map
 
@@ -280,26 +280,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _readable_checkpoint(path: Path, device: torch.device) -> dict | None:
-    """The training state in ``path``, or None when there is none or it cannot be read.
-
-    A file that cannot be read (truncated by a full disk or a killed copy, or refused as
-    unsafe) is set aside as ``checkpoint.corrupt-<time>.pt``, never deleted, so that training
-    starts afresh instead of failing the same way every night.
-    """
-    if not path.exists():
-        return None
-    try:
-        return read_checkpoint(path, device)
-    except CheckpointError as error:
-        aside = path.with_name(f"{path.stem}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}")
-        path.replace(aside)
-        warnings.warn(f"{error}; set aside as {aside}, training starts afresh", stacklevel=3)
-        return None
+    write_checkpoint(path, state)
 
 
 def train(*, train_images: list[str], train_weights: list[str | None] | None = None, val_images: list[str] = (),
@@ -343,7 +324,7 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
     start_step, log_rows = 0, []
     identity = {"settings": asdict(settings), "data": [s.sha256 for s in stacks], "val": [s.sha256 for s in val_stacks],
                 "augmentation": AUGMENTATION_VERSION}
-    state = _readable_checkpoint(checkpoint_path, device)
+    state = read_or_set_aside(checkpoint_path, device)
     if state is not None:
         if json.loads(state.get("identity", "{}")) != identity:
             # Another configuration, other data or another augmentation: a new training, not a resume.
@@ -413,9 +394,9 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
 def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, seconds, device) -> None:
     _write_log(out_dir / "training_log.tsv", log_rows)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_file(out_dir / "model.pt") as tmp:
-        torch.save({"model": weights, "architecture": model.config(), "normalization": settings.normalize.as_dict(),
-                    "tile": settings.tile, "step": settings.steps, "training_objects": _object_sizes(stacks)}, tmp)
+    write_checkpoint(out_dir / "model.pt", {
+        "model": weights, "architecture": model.config(), "normalization": settings.normalize.as_dict(),
+        "tile": settings.tile, "step": settings.steps, "training_objects": _object_sizes(stacks)})
     exported = _export_torchscript(model, out_dir / "model.torchscript.pt")
     card = {
         "architecture": model.config(),

@@ -1,0 +1,151 @@
+"""The paper's overlap-tile strategy: one tile loop, used in memory and by each block of a volume.
+
+Axis order: images are numpy ``(C, *spatial)`` or ``(*spatial)``; probabilities are
+``(n_classes, *spatial)``. Spatial is ``(Y, X)`` for a 2D model and ``(Z, Y, X)`` for 3D.
+Tiles start on the pooling grid and read their context from a mirror-padded input, so the
+result equals whole-image prediction (Fig. 2 of Ronneberger et al. 2015).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .cost import default_tile_shape
+from .model import UNet
+from .tiling import read_reflected, tile_origins
+
+__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format"]
+
+
+def memory_format(ndim: int) -> torch.memory_format:
+    """The memory layout that models run in for prediction: channels last (2D and 3D)."""
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+def _transforms(ndim: int):
+    """(forward, inverse) pairs over the trailing spatial axes of an (N, C, *spatial) tensor.
+
+    In 2D the 8 flips and 90-degree rotations; a rotated (H, W) tile is a (W, H) tile, which is
+    as valid, so tiles need not be square. In 3D the 8 flips.
+    """
+    axes = list(range(2, 2 + ndim))
+    flips = [[a for a, bit in zip(axes, bits) if bit] for bits in itertools.product([0, 1], repeat=ndim)]
+    if ndim == 2:
+        pairs = []
+        for k in range(4):
+            for flip in ([], [3]):
+                pairs.append((lambda t, k=k, f=flip: torch.rot90(t.flip(f) if f else t, k, (2, 3)),
+                              lambda t, k=k, f=flip: (lambda r: r.flip(f) if f else r)(torch.rot90(t, -k, (2, 3)))))
+        return pairs
+    return [(lambda t, f=flip: t.flip(f) if f else t, lambda t, f=flip: t.flip(f) if f else t) for flip in flips]
+
+
+def forward_probabilities(model: UNet, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Softmax probabilities of a batch, optionally averaged over test-time augmentations."""
+    layout = memory_format(model.ndim)
+    if not tta:
+        return torch.softmax(model(x.contiguous(memory_format=layout)).float(), dim=1)
+    total = None
+    pairs = _transforms(model.ndim)
+    for forward, inverse in pairs:
+        y = torch.softmax(model(forward(x).contiguous(memory_format=layout)).float(), dim=1)
+        y = inverse(y)
+        total = y if total is None else total + y
+    return total / len(pairs)
+
+
+def predict_tiled(
+    model: UNet,
+    image: np.ndarray,
+    tile_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """Class probabilities of ``image`` by the paper's overlap-tile strategy.
+
+    Parameters
+    ----------
+    model : UNet
+        A valid-convolution U-Net; put in eval mode and moved to ``device`` (channels_last).
+    image : ndarray ``(C, *spatial)`` or ``(*spatial)``
+        The (already normalised) image.
+    tile_shape : sequence of int, optional
+        OUTPUT tile shape; must be a valid output shape of the model. None picks a fast
+        default for the device (see :func:`default_tile_shape`).
+    batch_size : int
+        Tiles per forward pass.
+    device : torch device, optional
+        Default: CUDA when available, else CPU.
+    tta : bool
+        Test-time augmentation: average the probabilities over flips and 90-degree
+        rotations of each input tile (8 in 2D; 8 flips in 3D), as the paper did.
+
+    Returns
+    -------
+    ndarray float32 ``(n_classes, *spatial)``: softmax probabilities.
+
+    Notes
+    -----
+    The image is mirrored (numpy ``reflect``) at its borders by the model's margin
+    ``(input_shape_for(out) - out) / 2``. Tile origins lie on the pooling grid, so the
+    result equals whole-image prediction of the reflect-padded image (no seams, no
+    blending): Fig. 2 of Ronneberger et al. (2015).
+    """
+    image = np.asarray(image)
+    if image.ndim == model.ndim:
+        image = image[None]
+    if image.ndim != model.ndim + 1 or image.shape[0] != model.in_channels:
+        raise ValueError(
+            f"image must be (C, *spatial) with C = {model.in_channels} and {model.ndim} spatial "
+            f"axes for this model, got shape {image.shape}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spatial = image.shape[1:]
+    tile = (tuple(tile_shape) if tile_shape is not None
+            else default_tile_shape(model, spatial, device, batch_size=batch_size))
+    model.eval().to(device=device, memory_format=memory_format(model.ndim))
+    padded = read_reflected(image, *padded_region(model, (0,) * len(spatial), spatial, tile))
+    return predict_padded(model, padded.astype(np.float32, copy=False), spatial, tile, batch_size=batch_size,
+                          device=device, tta=tta)
+
+
+def padded_region(model: UNet, origin: Sequence[int], size: Sequence[int],
+                  tile: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Start and stop of the input that the tiles of a region (``origin``, ``size``) read: the
+    region and the last tile's overhang, plus the model's margin on every side."""
+    margin = model.margin()
+    origins = tile_origins(size, tile, 2**model.depth)
+    reach = [max(o + t for o in sorted({org[k] for org in origins})) for k, t in enumerate(tile)]
+    return [o - margin for o in origin], [o + r + margin for o, r in zip(origin, reach)]
+
+
+def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: Sequence[int], *,
+                   batch_size: int = 1, device: torch.device | str = "cpu", tta: bool = False) -> np.ndarray:
+    """Probabilities ``(n_classes, *size)`` of a region from its input with context.
+
+    ``padded`` is the float32 input ``(C, *spatial)`` of :func:`padded_region` (real
+    neighbouring context, mirrored only at the image border); ``model`` is in eval mode on
+    ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass.
+    """
+    size, tile = tuple(size), tuple(tile)
+    result = np.empty((model.n_classes, *size), np.float32)
+    tile_in = model.input_shape_for(tile)
+    origins = tile_origins(size, tile, 2**model.depth)
+    with torch.inference_mode():
+        for first in range(0, len(origins), batch_size):
+            batch = origins[first:first + batch_size]
+            inputs = np.stack([padded[(slice(None),) + tuple(slice(o, o + i) for o, i in zip(org, tile_in))]
+                               for org in batch])
+            probs = forward_probabilities(model, torch.from_numpy(inputs).to(device), tta).cpu().numpy()
+            for org, p in zip(batch, probs):
+                keep = tuple(slice(0, min(t, s - o)) for o, t, s in zip(org, tile, size))
+                result[(slice(None),) + tuple(slice(o, o + k.stop) for o, k in zip(org, keep))] = \
+                    p[(slice(None),) + keep]
+    return result
