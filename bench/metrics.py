@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from unet_core import metrics
+from unet_core.qc import StackQC
 
 ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012" / "train-labels.tif"
 FOUR = ndimage.generate_binary_structure(2, 1)
@@ -44,6 +45,13 @@ def proposal_from(truth: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.clip(ndimage.gaussian_filter(noisy, 1.0), 0.0, 1.0).astype(np.float32)
 
 
+def _stack_qc(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """The QC that evaluate records, of one plane (labels, foreground probability, raw)."""
+    qc = StackQC()
+    qc.add(labels, probabilities, probabilities)
+    return qc.result()
+
+
 def best_time(function, repeats: int):
     times, result = [], None
     for _ in range(repeats):
@@ -55,9 +63,7 @@ def best_time(function, repeats: int):
 
 def show(value) -> str:
     if isinstance(value, dict):
-        keys = [k for k in ("mean_ap", "pq", "v_rand", "summary") if k in value]
-        if "summary" in keys:
-            return f"{len(value['summary'])} summary features"
+        keys = [k for k in ("mean_ap", "pq", "v_rand", "uncertain_fraction") if k in value]
         if keys:
             return f"{keys[0]}={value[keys[0]]:.4f}"
         return f"{len(value)} classes"
@@ -92,8 +98,7 @@ def main():
         ("average_precision (10 IoU th.)", 1.0, lambda: metrics.average_precision(cells_true, cells_pred)),
         ("panoptic_quality", 1.0, lambda: metrics.panoptic_quality(cells_true, cells_pred)),
         ("class_scores", 1.0, lambda: metrics.class_scores(truth > 0, probabilities > 0.5)),
-        ("qc_statistics", 1.0, lambda: metrics.qc_statistics(probabilities=probabilities, labels=cells_pred,
-                                                              image=probabilities)),
+        ("StackQC (one plane)", 1.0, lambda: _stack_qc(cells_pred, probabilities)),
     ]
     print(f"{'metric':<34} {'best s':>8} {'bar s':>6} {'ok':>4}  value")
     failed = []

@@ -18,6 +18,7 @@ ALLOWED = {
     "cost": {"model", "tiling"},
     "overlap_tile": {"cost", "model", "tiling"},
     "metrics": {"isbi"},
+    "qc": set(),
     "io": {"atomic"},
     "normalize": {"io"},
 }

@@ -15,10 +15,8 @@ from scipy.optimize import linear_sum_assignment
 
 from unet_core import isbi
 from unet_core.metrics import (
-    AP_THRESHOLDS, ISBI_THRESHOLDS, WARPING_THRESHOLDS, average_precision, class_scores, flag_outlier_stacks,
-    merges_and_splits,
-    foreground_scores, intensity_drift, isbi_scores, object_sizes, object_statistics, panoptic_quality, pixel_error,
-    probability_qc, probability_statistics, qc_statistics, rand_error, seg_score, splits_and_mergers_error,
+    AP_THRESHOLDS, ISBI_THRESHOLDS, WARPING_THRESHOLDS, average_precision, class_scores, foreground_scores,
+    isbi_scores, merges_and_splits, panoptic_quality, pixel_error, rand_error, seg_score, splits_and_mergers_error,
     thin_borders, v_info, v_rand, warp_ground_truth, warping_error,
 )
 
@@ -41,13 +39,6 @@ def test_foreground_scores_hand_computed():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="same shape"):
         foreground_scores(np.zeros((2, 2)), np.zeros((2, 3)))
-
-
-def test_object_sizes_and_probability_qc():
-    np.testing.assert_array_equal(object_sizes(np.array([[0, 1, 1], [3, 3, 3]])), [2, 3])
-    qc = probability_qc(np.array([0.0, 0.5, 0.5, 1.0]))
-    assert qc["uncertain_fraction"] == 0.5
-    assert sum(qc["histogram"]) == 4
 
 
 # ----------------------------------------------------------------------------- ISBI: hand-computed
@@ -520,53 +511,6 @@ def test_class_scores_hand_computed():
     assert class_scores(truth, pred, classes=[5])[5]["iou"] == 1.0  # absent from both
 
 
-# ----------------------------------------------------------------------------- QC without ground truth
-def test_object_statistics_per_slice():
-    labels = np.zeros((2, 4, 6), np.int32)
-    labels[0, :2, :2], labels[0, 2:, 3:] = 1, 2  # sizes 4 and 6
-    labels[1, :2, :2] = 1  # label 1 continues into slice 1 (one 3D object)
-    stats = object_statistics(labels)
-    assert stats["objects_per_slice"] == [2, 1]
-    assert stats["median_size_per_slice"] == [5.0, 4.0]
-    assert stats["n_objects"] == 2
-    assert stats["sizes"]["min"] == 4 and stats["sizes"]["max"] == 6
-    labels[1, 3, 5] = 9  # touches label 2 of slice 0 across z only
-    mask = object_statistics(labels > 0)  # a mask: 4-connected components per slice, 6-connected in 3D
-    assert mask["objects_per_slice"] == [2, 2] and mask["n_objects"] == 2
-
-
-def test_probability_statistics_and_intensity_drift():
-    probabilities = np.stack([np.full((4, 4), 0.5, np.float32), np.zeros((4, 4), np.float32)])
-    stats = probability_statistics(probabilities)
-    assert stats["uncertain_fraction_per_slice"] == [1.0, 0.0]
-    assert stats["uncertain_fraction"] == 0.5 and sum(stats["histogram"]) == 32
-    ramp = np.stack([np.full((3, 3), value) for value in (10.0, 12.0, 14.0, 16.0)])
-    drift = intensity_drift(ramp)
-    assert drift["slope"] == pytest.approx(2.0)
-    assert drift["relative_drift"] == pytest.approx(2.0 * 3 / 13)  # fitted change over mean level 13
-    assert drift["max_relative_deviation"] == pytest.approx(3 / 13)  # |16 - 13| / median 13
-    assert intensity_drift(ramp[0])["relative_drift"] == 0.0
-
-
-def test_qc_statistics_and_outlier_flag():
-    rng = np.random.default_rng(6)
-    summaries = {}
-    for k, mean in enumerate([100, 101, 99, 100.5, 160]):
-        image = rng.normal(mean, 1.0, (3, 16, 16))
-        probabilities = rng.random((3, 16, 16)).astype(np.float32)
-        summaries[f"stack{k}"] = qc_statistics(image=image, probabilities=probabilities,
-                                               labels=probabilities > 0.5)["summary"]
-    flags = flag_outlier_stacks(summaries)
-    assert flags["stack4"]["outlier"] and "mean_intensity" in flags["stack4"]["reasons"]
-    assert not any(flags[f"stack{k}"]["outlier"] for k in range(4))
-    # hand-computed modified z: values 10, 11, 10.5, 9.8, 30 -> median 10.5, MAD 0.5
-    flags = flag_outlier_stacks({name: {"x": v} for name, v in zip("abcde", [10, 11, 10.5, 9.8, 30])})
-    assert flags["e"]["z_scores"]["x"] == pytest.approx(0.6745 * 19.5 / 0.5)
-    assert flags["d"]["z_scores"]["x"] == pytest.approx(0.6745 * -0.7 / 0.5) and not flags["d"]["outlier"]
-    small = flag_outlier_stacks({"a": {"x": 1.0}, "b": {"x": 100.0}})
-    assert not small["a"]["outlier"] and not small["b"]["outlier"]  # too few stacks to judge
-
-
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "call, error, message",
@@ -592,12 +536,6 @@ def test_qc_statistics_and_outlier_flag():
         (lambda: average_precision(np.ones((4, 4), int), np.ones((4, 4), int), [0.0]), ValueError, "IoU"),
         (lambda: panoptic_quality(np.ones((4, 4), int), np.ones((3, 4), int)), ValueError, "same shape"),
         (lambda: class_scores(np.ones((4, 4), int), np.ones((3, 4), int)), ValueError, "same shape"),
-        (lambda: probability_statistics(np.full((4, 4), 2.0)), ValueError, r"\[0, 1\]"),
-        (lambda: object_statistics(np.zeros((2, 2, 2, 2), int)), ValueError, "stack"),
-        (lambda: intensity_drift(np.zeros((0, 4))), ValueError, "empty"),
-        (lambda: qc_statistics(), ValueError, "at least one"),
-        (lambda: flag_outlier_stacks({}, threshold=0), ValueError, "threshold"),
-        (lambda: flag_outlier_stacks({"a": {"x": "high"}}), ValueError, "must be a number"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, message):

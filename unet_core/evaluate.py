@@ -17,7 +17,8 @@ from . import io
 from .atomic import write_text
 from .isbi import isbi_scores
 from .metrics import (average_precision, boundary_average_precision, foreground_scores, instance_agreement,
-                      merges_and_splits, object_sizes, probability_qc, seg_score)
+                      merges_and_splits, seg_score)
+from .qc import StackQC
 from .segment import seeded_watershed
 from .weights import true_boundaries
 
@@ -28,12 +29,6 @@ GROUND_TRUTH_KINDS = ("instances", "binary", "dense")
 # The classical baseline of dense ground truth: seeded watershed of the boundary stain smoothed
 # by a Gaussian of sigma voxels, seeds at its h-minima (h in the stain's grey levels).
 DEFAULT_BASELINE = {"sigma": 2.0, "h": 1.0}
-
-
-def _slope(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    return float(np.polyfit(np.arange(len(values)), values, 1)[0])
 
 
 def _dense_scores(image, probs, segmentation, truth, scale: float, baseline: dict) -> dict:
@@ -87,20 +82,14 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
     axes = segmentation.axes
     loop_axes = [a for a in axes if a not in "yx"]
     totals = {"intersection": 0, "union": 0, "total": 0}
-    counts, sizes, histogram, uncertain, intensity = [], [], np.zeros(20, np.int64), [], []
+    qc = StackQC()
     truth_frames, pred_frames, isbi_probs, isbi_truth = [], [], [], []
     for position in itertools.product(*[range(segmentation.shape[axes.index(a)]) for a in loop_axes]):
         where = dict(zip(loop_axes, position))
         labels = segmentation.read(where, order=("y", "x"))
         foreground = probs.read({**where, "c": 1}, order=("y", "x")).astype(np.float32) / scale
         raw = image.read({**where, **({"c": 0} if "c" in image.axes else {})}, order=("y", "x"))
-        intensity.append(float(raw.mean()))
-        plane_sizes = object_sizes(labels)
-        counts.append(int(len(plane_sizes)))
-        sizes.extend(plane_sizes.tolist())
-        qc = probability_qc(foreground)
-        histogram += np.asarray(qc["histogram"])
-        uncertain.append(qc["uncertain_fraction"])
+        qc.add(labels, foreground, raw)
         if truth is None or ground_truth == "dense":  # dense: scored as whole volumes below
             continue
         true_plane = truth.read(where, order=("y", "x"))
@@ -113,19 +102,7 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
         else:
             isbi_probs.append(foreground)
             isbi_truth.append(true_plane != 0)
-    mean_intensity = float(np.mean(intensity)) if intensity else 0.0
-    result = {
-        "stack": stack, "role": role, "has_ground_truth": truth is not None,
-        "qc": {
-            "objects_per_plane": counts, "mean_objects_per_plane": float(np.mean(counts)) if counts else 0.0,
-            "object_size_median": float(np.median(sizes)) if sizes else 0.0,
-            "object_sizes": sizes[:5000], "uncertain_fraction": float(np.mean(uncertain)) if uncertain else 0.0,
-            "probability_histogram": histogram.tolist(),
-            "mean_intensity_per_plane": intensity,
-            "relative_intensity_drift": _slope(intensity) * max(len(intensity) - 1, 1) / mean_intensity
-            if mean_intensity else 0.0,
-        },
-    }
+    result = {"stack": stack, "role": role, "has_ground_truth": truth is not None, "qc": qc.result()}
     if truth is not None:
         # Dense ground truth is all foreground: its IoU would say nothing.
         metrics = {} if ground_truth == "dense" else {

@@ -1,4 +1,4 @@
-"""Segmentation metrics on arrays: ISBI 2012 scores, instance scores and QC statistics.
+"""Segmentation metrics on arrays: ISBI 2012 scores and instance scores against ground truth.
 
 Arrays: masks, class maps or instance label images ``(*spatial)``, 2D or 3D alike (0 =
 background, one positive integer per object); stacks are ``(Z, Y, X)`` or ``(T, Y, X)`` where a
@@ -10,9 +10,7 @@ function works slice by slice. A list of arrays is a sequence of frames, scored 
   :func:`class_scores` and :func:`foreground_scores` (Dice and IoU); for dense 3D ground truth
   :func:`instance_agreement` (adapted Rand error, VOI split/merge) and
   :func:`boundary_average_precision` (how well a map ranks the true boundary voxels).
-* Without ground truth (QC): :func:`object_statistics`, :func:`probability_statistics`,
-  :func:`intensity_drift`, :func:`qc_statistics` and :func:`flag_outlier_stacks`, plus the
-  per-slice helpers :func:`object_sizes` and :func:`probability_qc`.
+* Without ground truth, the QC of a stack and of a batch: :mod:`unet_core.qc`.
 
 Definitions and references: docs/metrics.md. Metrics judge arrays, never networks.
 """
@@ -20,22 +18,20 @@ Definitions and references: docs/metrics.md. Metrics judge arrays, never network
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from .isbi import (ISBI_THRESHOLDS, WARPING_THRESHOLDS, isbi_scores, pixel_error, rand_error,
                    splits_and_mergers_error, thin_borders, v_info, v_rand, warp_ground_truth, warping_error)
 
 __all__ = [
-    "foreground_scores", "object_sizes", "probability_qc",
+    "foreground_scores",
     "isbi_scores", "v_rand", "v_info", "rand_error", "pixel_error", "warping_error",
     "splits_and_mergers_error", "thin_borders", "warp_ground_truth", "ISBI_THRESHOLDS", "WARPING_THRESHOLDS",
     "seg_score", "average_precision", "merges_and_splits", "panoptic_quality", "class_scores", "AP_THRESHOLDS",
     "instance_agreement", "boundary_average_precision",
-    "object_statistics", "probability_statistics", "intensity_drift", "qc_statistics", "flag_outlier_stacks",
 ]
 
 #: IoU thresholds of :func:`average_precision`: 0.5, 0.55, ..., 0.95.
@@ -57,23 +53,6 @@ def foreground_scores(truth: np.ndarray, prediction: np.ndarray) -> dict:
         "iou": intersection / union if union else 1.0,
         "dice": 2 * intersection / total if total else 1.0,
         "intersection": intersection, "union": union, "total": total,
-    }
-
-
-def object_sizes(labels: np.ndarray) -> np.ndarray:
-    """Pixel counts of every nonzero label."""
-    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64))
-    return counts[1:][counts[1:] > 0]
-
-
-def probability_qc(foreground: np.ndarray, *, low: float = 0.2, high: float = 0.8, bins: int = 20) -> dict:
-    """Fraction of uncertain pixels (``low < p < high``), mean probability, histogram."""
-    foreground = np.asarray(foreground, np.float32)
-    histogram, _ = np.histogram(foreground, bins=bins, range=(0.0, 1.0))
-    return {
-        "uncertain_fraction": float(np.mean((foreground > low) & (foreground < high))),
-        "mean_probability": float(foreground.mean()),
-        "histogram": histogram.tolist(),
     }
 
 
@@ -393,204 +372,3 @@ def class_scores(truth: np.ndarray, prediction: np.ndarray, *, classes: Sequence
 
 
 # ----------------------------------------------------------------------------- QC without ground truth
-def _stack(array: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.ndim not in (2, 3):
-        raise ValueError(f"{name} must be a (Y, X) slice or a (Z, Y, X) / (T, Y, X) stack, got shape {array.shape}")
-    if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
-    return array[None] if array.ndim == 2 else array
-
-
-def _percentiles(values: np.ndarray) -> dict:
-    if values.size == 0:
-        return {key: 0.0 for key in ("min", "p5", "p25", "median", "p75", "p95", "max", "mean")}
-    p = np.percentile(values, [0, 5, 25, 50, 75, 95, 100])
-    return {"min": float(p[0]), "p5": float(p[1]), "p25": float(p[2]), "median": float(p[3]),
-            "p75": float(p[4]), "p95": float(p[5]), "max": float(p[6]), "mean": float(values.mean())}
-
-
-def object_statistics(labels: np.ndarray) -> dict:
-    """Object count and size distribution per slice of a label image or stack.
-
-    Parameters
-    ----------
-    labels : ndarray, shape (Y, X) or (Z, Y, X)
-        Instance labels (0 = background), or a bool mask whose 4-connected components per
-        slice are the objects.
-
-    Returns
-    -------
-    dict
-        ``objects_per_slice`` and ``median_size_per_slice`` (pixels; 0 for an empty slice),
-        ``sizes`` (distribution over all 2D objects of all slices: min, p5, p25, median, p75,
-        p95, max, mean), ``n_objects`` (distinct labels in the whole array, i.e. 3D objects;
-        for a mask, its 6-connected components).
-    """
-    stack = _stack(labels, "labels")
-    if stack.dtype == bool:
-        n_objects = ndimage.label(stack, ndimage.generate_binary_structure(3, 1))[1]
-        stack = np.stack([ndimage.label(s, ndimage.generate_binary_structure(2, 1))[0] for s in stack])
-    else:
-        stack = _label_image(stack, "labels")
-        n_objects = np.count_nonzero(np.bincount(stack.ravel().astype(np.int64))[1:])
-    per_slice = [object_sizes(s) for s in stack]
-    everything = np.concatenate(per_slice)
-    return {
-        "objects_per_slice": [int(s.size) for s in per_slice],
-        "median_size_per_slice": [float(np.median(s)) if s.size else 0.0 for s in per_slice],
-        "sizes": _percentiles(everything.astype(np.float64)),
-        "n_objects": int(n_objects),
-    }
-
-
-def probability_statistics(probabilities: np.ndarray, *, low: float = 0.2, high: float = 0.8, bins: int = 20) -> dict:
-    """Probability histogram and uncertain fraction of a probability map or stack, per slice and overall.
-
-    ``uncertain`` pixels have ``low < p < high``. Returns ``histogram`` (``bins`` counts over
-    [0, 1]), ``uncertain_fraction`` and ``mean_probability`` (overall), and
-    ``uncertain_fraction_per_slice``, ``mean_probability_per_slice``.
-    """
-    stack = _stack(probabilities, "probabilities").astype(np.float32, copy=False)
-    low_value, high_value = float(stack.min()), float(stack.max())
-    if not (0.0 <= low_value and high_value <= 1.0):
-        raise ValueError(f"probabilities must be finite values in [0, 1], got range [{low_value}, {high_value}]")
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
-    per_slice = [probability_qc(s, low=low, high=high, bins=bins) for s in stack]
-    histogram = np.sum([q["histogram"] for q in per_slice], axis=0)
-    return {
-        "histogram": histogram.astype(int).tolist(),
-        "uncertain_fraction": float(np.mean([q["uncertain_fraction"] for q in per_slice])),
-        "mean_probability": float(np.mean([q["mean_probability"] for q in per_slice])),
-        "uncertain_fraction_per_slice": [q["uncertain_fraction"] for q in per_slice],
-        "mean_probability_per_slice": [q["mean_probability"] for q in per_slice],
-    }
-
-
-def intensity_drift(image: np.ndarray) -> dict:
-    """Drift of the mean intensity along the first axis (z or t) of a stack.
-
-    Returns ``slice_means``; ``slope`` (least-squares change of the slice mean per slice);
-    ``relative_drift`` = slope x (n_slices - 1) / |mean of the slice means| (the fitted change
-    from first to last slice, as a fraction of the mean level); ``max_relative_deviation`` =
-    max |slice mean - median| / |median|. A single slice has no drift (all 0); a zero mean
-    level gives 0 when the slices agree and ``inf`` otherwise.
-    """
-    stack = _stack(image, "image")
-    if not (np.issubdtype(stack.dtype, np.number) or stack.dtype == bool):
-        raise TypeError(f"image must be numeric, got dtype {stack.dtype}")
-    means = stack.reshape(stack.shape[0], -1).astype(np.float64).mean(axis=1)
-    if not np.all(np.isfinite(means)):
-        raise ValueError("image holds NaN or infinite values")
-    n = means.size
-    x = np.arange(n) - (n - 1) / 2
-    slope = float(x @ (means - means.mean()) / (x @ x)) if n > 1 else 0.0
-    level, median = abs(float(means.mean())), float(np.median(means))
-    spread = float(np.max(np.abs(means - median)))
-
-    def relative(value: float, scale: float) -> float:
-        return value / scale if scale else (0.0 if value == 0 else math.inf)
-
-    return {"slice_means": means.tolist(), "slope": slope, "relative_drift": relative(slope * (n - 1), level),
-            "max_relative_deviation": relative(spread, abs(median))}
-
-
-def qc_statistics(*, probabilities: np.ndarray | None = None, labels: np.ndarray | None = None,
-                  image: np.ndarray | None = None, low: float = 0.2, high: float = 0.8, bins: int = 20) -> dict:
-    """QC statistics of one stack without ground truth, and a flat ``summary`` for batch comparison.
-
-    Parameters
-    ----------
-    probabilities : ndarray, optional
-        Foreground probability, (Y, X) or (Z, Y, X), values in [0, 1].
-    labels : ndarray, optional
-        Instance labels or a mask, same layout.
-    image : ndarray, optional
-        Raw intensities, same layout, for the drift along z/t.
-    low, high, bins
-        Uncertainty band and histogram bins of the probabilities.
-
-    Returns
-    -------
-    dict
-        ``objects`` (:func:`object_statistics`), ``probabilities``
-        (:func:`probability_statistics`), ``intensity`` (:func:`intensity_drift`) for the
-        inputs given, and ``summary``: scalar features (``mean_objects_per_slice``,
-        ``median_object_size``, ``uncertain_fraction``, ``mean_probability``,
-        ``mean_intensity``, ``relative_intensity_drift``) for :func:`flag_outlier_stacks`.
-    """
-    if probabilities is None and labels is None and image is None:
-        raise ValueError("give at least one of probabilities, labels or image")
-    result: dict = {"summary": {}}
-    if labels is not None:
-        objects = object_statistics(labels)
-        result["objects"] = objects
-        result["summary"]["mean_objects_per_slice"] = float(np.mean(objects["objects_per_slice"]))
-        result["summary"]["median_object_size"] = objects["sizes"]["median"]
-    if probabilities is not None:
-        probability = probability_statistics(probabilities, low=low, high=high, bins=bins)
-        result["probabilities"] = probability
-        result["summary"]["uncertain_fraction"] = probability["uncertain_fraction"]
-        result["summary"]["mean_probability"] = probability["mean_probability"]
-    if image is not None:
-        drift = intensity_drift(image)
-        result["intensity"] = drift
-        result["summary"]["mean_intensity"] = float(np.mean(drift["slice_means"]))
-        result["summary"]["relative_intensity_drift"] = drift["relative_drift"]
-    return result
-
-
-def flag_outlier_stacks(summaries: Mapping[str, Mapping[str, float]], *, threshold: float = 3.5,
-                        min_stacks: int = 4) -> dict:
-    """Flag stacks whose QC summary is an outlier against the rest of the batch.
-
-    Parameters
-    ----------
-    summaries : mapping
-        ``{stack: {feature: value}}``, e.g. the ``summary`` of :func:`qc_statistics` per stack.
-    threshold : float
-        A feature is an outlier when its modified z-score exceeds this in absolute value
-        (Iglewicz & Hoaglin's 3.5).
-    min_stacks : int
-        Fewer stacks with a finite value of a feature than this: no judgement on it (z = 0).
-
-    Returns
-    -------
-    dict
-        ``{stack: {"outlier": bool, "reasons": [features], "z_scores": {feature: z}}}``.
-
-    Notes
-    -----
-    Modified z-score ``z = 0.6745 (x - median) / MAD`` per feature over the batch (robust to
-    the outliers it looks for). When MAD = 0, the mean absolute deviation is used,
-    ``z = (x - median) / (1.2533 meanAD)``; when that is 0 too, all values are equal and z = 0.
-    Non-finite values are not judged. Reference: Iglewicz B., Hoaglin D. (1993) How to detect
-    and handle outliers. ASQC Quality Press.
-    """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be > 0, got {threshold}")
-    for stack, values in summaries.items():
-        for feature, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise ValueError(f"summary of stack {stack!r}: feature {feature!r} must be a number, got {value!r}")
-    names = sorted({feature for values in summaries.values() for feature in values})
-    result = {stack: {"outlier": False, "reasons": [], "z_scores": {}} for stack in summaries}
-    for feature in names:
-        stacks = [s for s, values in summaries.items() if feature in values and np.isfinite(float(values[feature]))]
-        x = np.array([float(summaries[s][feature]) for s in stacks])
-        z = np.zeros(x.size)
-        if x.size >= max(min_stacks, 2):
-            median = np.median(x)
-            mad = np.median(np.abs(x - median))
-            mean_ad = np.mean(np.abs(x - median))
-            if mad > 0:
-                z = 0.6745 * (x - median) / mad
-            elif mean_ad > 0:
-                z = (x - median) / (1.253314 * mean_ad)
-        for stack, score in zip(stacks, z):
-            result[stack]["z_scores"][feature] = float(score)
-            if abs(score) > threshold:
-                result[stack]["outlier"] = True
-                result[stack]["reasons"].append(feature)
-    return result

@@ -35,7 +35,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import io
 from .atomic import write_text
-from .metrics import flag_outlier_stacks
+from .qc import flag_outlier_stacks
 
 __all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
 
@@ -209,7 +209,7 @@ def qc_flags(results: list[dict]) -> list[list[str]]:
 
     ``results`` are the per-stack metrics JSONs of :func:`unet_core.evaluate.evaluate_stack`.
     A value is an outlier when its modified z-score against the batch exceeds 3.5 (see
-    :func:`unet_core.metrics.flag_outlier_stacks`; batches of fewer than 4 stacks are not judged).
+    :func:`unet_core.qc.flag_outlier_stacks`; batches of fewer than 4 stacks are not judged).
     """
     headers = {key: header for key, header, *_ in _COLUMNS}
     flags = []
