@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_snakemake
+import zarr
+from conftest import copy_workflow, run_snakemake
 
 STAGES = ["demo_data", "ingest", "weight_map", "train", "predict", "segment", "evaluate", "report"]
 _snakemake = run_snakemake
@@ -101,3 +102,30 @@ def test_unknown_preset_is_named(repo):
     result = _snakemake(repo, "-n", "--config", "preset=turbo")
     assert result.returncode != 0
     assert "preset 'turbo' is not defined" in result.stdout + result.stderr
+
+
+def test_replaced_ground_truth_key_is_named(repo, tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("evaluate: {ground_truth: binary}\n")
+    result = _snakemake(repo, "-n", "--configfile", str(old))
+    assert result.returncode != 0
+    assert "evaluate.ground_truth ('binary') is replaced by weight_map.labels ('instances')" in \
+        result.stdout + result.stderr
+    same = tmp_path / "same.yaml"
+    same.write_text("evaluate: {ground_truth: instances}\n")  # an old config that agrees still runs
+    assert _snakemake(repo, "-n", "--configfile", str(same)).returncode == 0
+
+
+def test_ground_truth_kind_per_stack_from_the_sheet(tmp_path):
+    """The sheet's labels_kind column sets the kind of one stack; the others keep the config's."""
+    work = copy_workflow(tmp_path / "work")
+    sheet = work / "config" / "samples.tsv"
+    lines = sheet.read_text().splitlines()
+    lines[0] += "\tlabels_kind"
+    lines = [lines[0]] + [line + ("\tbinary" if line.startswith("timelapse_b\t") else "\t") for line in lines[1:]]
+    sheet.write_text("\n".join(lines) + "\n")
+    targets = ["results/weights/timelapse_a.zarr", "results/weights/timelapse_b.zarr"]
+    run = _snakemake(work, "--cores", "2", *targets)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    kinds = [zarr.open_group(work / target, mode="r").attrs["labels"] for target in targets]
+    assert kinds == ["instances", "binary"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .weights import LABEL_KINDS
+
 __all__ = ["main"]
 
 
@@ -145,7 +147,7 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--ndim", type=int, default=2, help="2 (planes) or 3 (volumes); the model's dimensionality")
     p.add_argument("--w0", type=float, default=10.0, help="border weight w0 of the paper's eq. 2 (default 10)")
     p.add_argument("--sigma", type=float, default=5.0, help="border width sigma of eq. 2 in pixels (default 5)")
-    p.add_argument("--labels", default="instances",
+    p.add_argument("--labels", default="instances", choices=LABEL_KINDS,
                    help="instances (ids), binary (interior mask) or dense (ids with no background)")
     p.add_argument("--keep-touching", action="store_true",
                    help="instances: do not give touching instances a border (ablation)")
@@ -219,7 +221,8 @@ def _output_parsers(sub) -> None:
     p.add_argument("--output", required=True, help="metrics JSON to write")
     p.add_argument("--stack", help="stack name in the report (default: the image's file name)")
     p.add_argument("--role", default="predict", help="train, val or predict (default predict)")
-    p.add_argument("--ground-truth", default="instances", help="instances, binary (ISBI 2012) or dense (tissue)")
+    p.add_argument("--ground-truth", default="instances", choices=LABEL_KINDS,
+                   help="instances, binary (ISBI 2012) or dense (tissue)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("report", help="HTML QC report")

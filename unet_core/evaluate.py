@@ -20,11 +20,9 @@ from .metrics import (average_precision, boundary_average_precision, foreground_
                       merges_and_splits, seg_score)
 from .qc import StackQC
 from .segment import seeded_watershed
-from .weights import true_boundaries
+from .weights import LABEL_KINDS, true_boundaries
 
-__all__ = ["evaluate_stack", "GROUND_TRUTH_KINDS", "DEFAULT_BASELINE"]
-
-GROUND_TRUTH_KINDS = ("instances", "binary", "dense")
+__all__ = ["evaluate_stack", "DEFAULT_BASELINE"]
 
 # The classical baseline of dense ground truth: seeded watershed of the boundary stain smoothed
 # by a Gaussian of sigma voxels, seeds at its h-minima (h in the stain's grey levels).
@@ -72,8 +70,8 @@ def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, se
     whose 6-neighbourhood holds another id); and the same Rand/VOI of the classical
     ``baseline``, a seeded watershed of the smoothed stain, :data:`DEFAULT_BASELINE`).
     """
-    if ground_truth not in GROUND_TRUTH_KINDS:
-        raise ValueError(f"ground_truth must be one of {GROUND_TRUTH_KINDS}, got {ground_truth!r}")
+    if ground_truth not in LABEL_KINDS:
+        raise ValueError(f"ground_truth must be one of {LABEL_KINDS}, got {ground_truth!r}")
     image = io.open_image(image_path)
     probs = io.open_image(probabilities_path)
     segmentation = io.open_image(segmentation_path)

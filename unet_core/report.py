@@ -36,6 +36,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from . import io
 from .atomic import write_text
 from .qc import flag_outlier_stacks
+from .weights import LABEL_KIND_TARGETS
 
 __all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
 
@@ -552,14 +553,6 @@ def _rounded(value):
     return value
 
 
-# How each kind of ground truth became training targets (weights.cells_of), for the report.
-_LABEL_KINDS = {
-    "instances": "instance ids; touching objects get a border between them",
-    "binary": "a binary interior mask; its components are the objects",
-    "dense": "dense ids (tissue); every boundary becomes the border class",
-}
-
-
 def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
     """Which ground-truth kind, normalisation and segmentation method the run used (model card and
     the segmentations' own attributes, so the report says what was done, not what was asked)."""
@@ -568,7 +561,7 @@ def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
     kinds = sorted({(str(t.get("labels", "?")), t.get("separate_touching", True) is not False) for t in targets})
     if kinds:
         methods["ground truth"] = "; ".join(
-            f"{k}: {_LABEL_KINDS.get(k, k) if separate or k != 'instances' else 'instance ids, touching kept as they are'}"
+            f"{k}: {LABEL_KIND_TARGETS.get(k, k) if separate or k != 'instances' else 'instance ids, touching kept as they are'}"
             for k, separate in kinds)
     normalization = card.get("normalization")
     if isinstance(normalization, dict):

@@ -1,7 +1,7 @@
 """The batch's stack table: a sample sheet (TSV), and stacks discovered in a raw folder.
 
 Rows are plain dicts with the sample-sheet columns ``stack, path, labels, role, axes,
-subset`` (strings, empty when unset). Stack names end up in output file names and in the
+subset, labels_kind`` (strings, empty when unset). Stack names end up in output file names and in the
 HTML report, and discovered ones come from whatever a microscope wrote: they are reduced to
 ``[A-Za-z0-9_.-]`` and never lead outside the configured folder.
 """
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 __all__ = ["read_sample_sheet", "check_row", "discover", "discover_stacks", "Discovery", "merge_stacks", "stack_name"]
 
-COLUMNS = ("stack", "path", "labels", "role", "axes", "subset")
+COLUMNS = ("stack", "path", "labels", "role", "axes", "subset", "labels_kind")
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 # Snakemake reads {...} in file paths as wildcards and <...> as path variables: such a path

@@ -12,12 +12,19 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["weight_map", "instances_from_binary", "instances_from_dense", "separate_touching", "neighbour_ids",
-           "true_boundaries", "cells_of", "LABEL_KINDS"]
+           "true_boundaries", "cells_of", "LABEL_KINDS", "LABEL_KIND_TARGETS"]
 
-# What a ground-truth label image can hold (config ``weight_map.labels``): instance ids with
-# background 0 between the cells, a binary interior mask, or dense instance ids (every voxel
-# belongs to a cell, as in tissue: the borders must be made from the ids).
+# What a ground-truth label image can hold (config ``weight_map.labels``, sample-sheet column
+# ``labels_kind``): instance ids with background 0 between the cells, a binary interior mask, or
+# dense instance ids (every voxel belongs to a cell, as in tissue: the borders must be made from
+# the ids). The one list of kinds: targets, evaluation and the report read it.
 LABEL_KINDS = ("instances", "binary", "dense")
+# How each kind becomes training targets (:func:`cells_of`), in words for the report.
+LABEL_KIND_TARGETS = {
+    "instances": "instance ids; touching objects get a border between them",
+    "binary": "a binary interior mask; its components are the objects",
+    "dense": "dense ids (tissue); every boundary becomes the border class",
+}
 
 # The border term is dropped where it is below this absolute value; the cut-off distance it
 # implies bounds the neighbourhood in which a cell's distance transform is evaluated.

@@ -28,6 +28,13 @@ def _apply_preset(config):
 
 _apply_preset(config)
 validate(config, schema="../schemas/config.schema.yaml")
+if config["evaluate"].get("ground_truth", config["weight_map"]["labels"]) != config["weight_map"]["labels"]:
+    raise ValueError(
+        f"config: evaluate.ground_truth ({config['evaluate']['ground_truth']!r}) is replaced by "
+        f"weight_map.labels ({config['weight_map']['labels']!r}), the kind of ground truth of every stack "
+        f"whose sample-sheet column labels_kind is empty; set weight_map.labels (or labels_kind per "
+        f"stack) and remove evaluate.ground_truth"
+    )
 
 
 def _read_samples():
@@ -98,6 +105,11 @@ def zarr_of(stacks):
 
 def weights_of(stacks):
     return expand(rules.weight_map.output.weights, stack=stacks)
+
+
+def labels_kind(wildcards):
+    """What the stack's ground truth holds: its sheet row's labels_kind, else weight_map.labels."""
+    return SAMPLES[wildcards.stack].get("labels_kind") or config["weight_map"]["labels"]
 
 
 def stack_role(wildcards):

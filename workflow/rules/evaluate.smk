@@ -16,7 +16,7 @@ rule evaluate:
         "../../envs/unet.yaml"
     params:
         role=stack_role,
-        ground_truth=config["evaluate"]["ground_truth"],
+        ground_truth=labels_kind,
         baseline=config["evaluate"]["baseline"],
     script:
         "../scripts/evaluate.py"

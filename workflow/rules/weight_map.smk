@@ -13,7 +13,7 @@ rule weight_map:
         ndim=config["model"]["ndim"],
         w0=config["weight_map"]["w0"],
         sigma=config["weight_map"]["sigma"],
-        labels=config["weight_map"]["labels"],
+        labels=labels_kind,
         separate_touching=config["weight_map"]["separate_touching"],
     script:
         "../scripts/weight_map.py"
