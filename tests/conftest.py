@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded synthetic data and the optional real data in ../shared."""
+"""Shared fixtures and helpers: tiny seeded synthetic data, the optional real data in ../shared,
+running the workflow, and the whole-image reference prediction."""
 
 import os
 import shutil
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from unet_core.model import valid_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,6 +22,20 @@ WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles", "envs")
 def run_snakemake(workdir, *args, timeout=900) -> subprocess.CompletedProcess:
     """``snakemake *args`` in ``workdir`` with this environment's snakemake; output captured."""
     return subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def whole_image_reference(model, image):
+    """Whole-image prediction of the reflect-padded image, cropped to the image."""
+    spatial = image.shape[1:]
+    margin = model.margin()
+    out = [valid_sizes(model.depth, kind="output", near=s)[-1] if valid_sizes(model.depth, kind="output", near=s)[0] < s
+           else valid_sizes(model.depth, kind="output", near=s)[0] for s in spatial]
+    pad = [(0, 0)] + [(margin, margin + o - s) for o, s in zip(out, spatial)]
+    padded = np.pad(image, pad, mode="reflect")
+    with torch.inference_mode():
+        logits = model.eval()(torch.from_numpy(padded[None]).float())
+    probs = torch.softmax(logits, 1)[0].numpy()
+    return probs[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 
 def copy_workflow(target: Path) -> Path:

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import whole_image_reference
 
 from unet_core import UNet, io, normalize
 from unet_core.normalize import Normalization, normalization_table
 from unet_core.predict import predict_image
 from unet_core.train import TrainSettings, load_training_stack, train
-from test_predict import whole_image_reference
 
 PERCENTILE = Normalization(method="percentile", scope="image", low=1.0, high=99.8)
 

@@ -1,24 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import whole_image_reference
 
 from unet_core import UNet, predict_tiled
-from unet_core.model import valid_sizes
 from unet_core.predict import default_tile_shape
-
-
-def whole_image_reference(model, image):
-    """Whole-image prediction of the reflect-padded image, cropped to the image."""
-    spatial = image.shape[1:]
-    margin = model.margin()
-    out = [valid_sizes(model.depth, kind="output", near=s)[-1] if valid_sizes(model.depth, kind="output", near=s)[0] < s
-           else valid_sizes(model.depth, kind="output", near=s)[0] for s in spatial]
-    pad = [(0, 0)] + [(margin, margin + o - s) for o, s in zip(out, spatial)]
-    padded = np.pad(image, pad, mode="reflect")
-    with torch.inference_mode():
-        logits = model.eval()(torch.from_numpy(padded[None]).float())
-    probs = torch.softmax(logits, 1)[0].numpy()
-    return probs[(slice(None),) + tuple(slice(0, s) for s in spatial)]
 
 
 @pytest.mark.parametrize(

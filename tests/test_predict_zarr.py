@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import whole_image_reference
 
 from unet_core import UNet, io
 from unet_core.blocklog import finished_blocks
-from unet_core.predict import CPU_MEMORY_BUDGET, predict_image
-from test_predict import whole_image_reference
+from unet_core.predict import CPU_MEMORY_BUDGET, default_tile_shape, predict_image
 
 
 def _model_file(path, **kwargs):
@@ -66,6 +66,16 @@ def test_default_block_is_two_tile_steps(tmp_path):
     image, mean, std = _normalised(image_path)
     plane = (np.asarray(image.array[:], np.float32)[None] - mean[0]) / std[0]
     np.testing.assert_allclose(out.array[:], whole_image_reference(model, plane), atol=1e-5)
+    assert out.attrs["unet_core"]["tile"] == [12, 28]  # the tile used is recorded
+
+
+def test_default_tile_used_is_recorded(tmp_path):
+    model, path = _model_file(tmp_path / "m.pt")
+    image_path = _image(tmp_path, np.zeros((3, 200, 150), np.uint8), "TYX")
+    predict_image(path, image_path, tmp_path / "out.ome.zarr", block_shape=(64, 64), device="cpu")
+    attrs = io.open_image(tmp_path / "out.ome.zarr").attrs["unet_core"]
+    assert attrs["tile"] == list(default_tile_shape(model, (64, 64), "cpu"))
+    assert attrs["tile_source"].startswith("default for cpu and a full block")
 
 
 @pytest.mark.parametrize("block,tile", [((8, 16, 16), None), ((16, 32, 16), (4, 12, 12))])

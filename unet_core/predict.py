@@ -282,7 +282,8 @@ def predict_image(
             shutil.rmtree(partial)
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
-                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta}
+                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
+                      **_tile_record(model, layout, tile_shape, device, batch_size)}
         if "training_objects" in checkpoint:
             provenance["training_objects"] = checkpoint["training_objects"]
         partial.mkdir(parents=True)
@@ -310,6 +311,16 @@ def predict_image(
     # One atomic step (unet_core.atomic): killed anywhere, the output is the old one or the new one.
     publish(partial, output_path)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+def _tile_record(model: UNet, layout: Layout, tile_shape, device: str, batch_size: int) -> dict:
+    """The output tile that the blocks use, for the provenance: the one given, or the device's
+    default for a full block (a block cut short by the volume's edge picks its own)."""
+    if tile_shape is not None:
+        return {"tile": list(tile_shape), "tile_source": "given (predict.tile)"}
+    full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
+    return {"tile": list(default_tile_shape(model, full, device, batch_size=batch_size)),
+            "tile_source": f"default for {device} and a full block; blocks at the volume's edge pick theirs"}
 
 
 def probability_scale(dtype: str) -> float:
