@@ -283,9 +283,8 @@ def predict_image(
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
                       "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
-                      **_tile_record(model, layout, tile_shape, device, batch_size)}
-        if "training_objects" in checkpoint:
-            provenance["training_objects"] = checkpoint["training_objects"]
+                      **_tile_record(model, layout, tile_shape, device, batch_size),
+                      **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
         partial.mkdir(parents=True)
         create_output(partial, model, layout, dtype, output_path.name, {"unet_core": provenance})
         (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
