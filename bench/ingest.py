@@ -8,8 +8,8 @@ own subprocess, which reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxr
 - ``naive``: ``tifffile.imread`` of the whole file, then one zarr write with the same codec,
   chunks and array settings as ingest;
 - ``naive+pyramid``: the same, plus the pyramid levels computed in memory and written;
-- ``ingest``: ``unet_core.io.ingest(..., pyramid=False)`` (validates and hashes the input too);
-- ``ingest+pyramid``: ``unet_core.io.ingest(...)`` with the default pyramid;
+- ``ingest``: ``unet_core.ingest.ingest(..., pyramid=False)`` (validates and hashes the input too);
+- ``ingest+pyramid``: ``unet_core.ingest.ingest(...)`` with the default pyramid;
 - ``dask``: the previous implementation (dask array on tifffile's zarr store, rechunked to the
   output chunks, ``da.store``), for reference;
 - ``imports``: python with the same imports only (the RSS floor of every route).
@@ -93,7 +93,7 @@ def run_route(route: str, source: Path, output: Path) -> None:
     import numpy as np
     import tifffile
 
-    from unet_core import io
+    from unet_core import ingest, io, pyramid
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = usage.ru_utime + usage.ru_stime
@@ -111,10 +111,10 @@ def run_route(route: str, source: Path, output: Path) -> None:
         array[:] = data
         if route == "naive+pyramid":
             previous = data
-            for number, factors in enumerate(io._pyramid_factors(axes, data.shape, [1.0, 1.0, 1.0]), start=1):
+            for number, factors in enumerate(pyramid.pyramid_factors(axes, data.shape, [1.0, 1.0, 1.0]), start=1):
                 shape = tuple(-(-n // f) for n, f in zip(previous.shape, factors))
                 acc = np.zeros(shape, np.uint32)
-                io._accumulate_mean(acc, (0,) * 3, previous, [(0, n) for n in previous.shape], factors,
+                pyramid._accumulate_mean(acc, (0,) * 3, previous, [(0, n) for n in previous.shape], factors,
                                     previous.shape)
                 acc += int(np.prod(factors)) // 2
                 acc >>= int(np.prod(factors)).bit_length() - 1
@@ -127,9 +127,9 @@ def run_route(route: str, source: Path, output: Path) -> None:
                                            config={"write_empty_chunks": True})
                 level[:] = previous
     elif route == "ingest":
-        io.ingest(source, output, pyramid=False)
+        ingest.ingest(source, output, pyramid=False)
     elif route == "ingest+pyramid":
-        io.ingest(source, output, pyramid=True)
+        ingest.ingest(source, output, pyramid=True)
     elif route == "dask":
         import dask.array as da
         import zarr

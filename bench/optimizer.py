@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from unet_core import io
+from unet_core import ingest
 from unet_core.demo import write_demo_data
 from unet_core.train import TrainSettings, train
 
@@ -38,12 +38,12 @@ def main() -> None:
         tmp = Path(tmp)
         write_demo_data(tmp / "demo")
 
-        def ingest(name):
-            return str(io.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
-                                 labels_path=tmp / "demo" / f"{name}_labels.tif"))
+        def ingested(name):
+            return str(ingest.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
+                                     labels_path=tmp / "demo" / f"{name}_labels.tif"))
 
-        images = [ingest("timelapse_a"), ingest("timelapse_b")]
-        val = [ingest("timelapse_c")]
+        images = [ingested("timelapse_a"), ingested("timelapse_b")]
+        val = [ingested("timelapse_c")]
         base = TrainSettings(steps=args.steps, validate_every=args.steps, log_every=args.steps)
         print(f"demo model (16 base channels, depth 3), {args.steps} steps, batch 4 of 92^2 tiles, "
               f"seeds {seeds}; validation on timelapse_c")

@@ -64,7 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from unet_core import io  # noqa: E402
+from unet_core import io, normalize  # noqa: E402
 from unet_core.model import UNet, valid_sizes  # noqa: E402
 from unet_core.cost import (CPU_MEMORY_BUDGET, MEMORY_SAFETY, default_block_shape, default_tile_shape,  # noqa: E402
                             forward_memory)
@@ -533,7 +533,7 @@ def _compare(label: str, model: UNet, images: list[np.ndarray], budget: int, rep
 
 def part_b(args, model2d: UNet, image_path: Path) -> dict:
     image = io.open_image(image_path)
-    mean, std = io.intensity_statistics(image)
+    mean, std = normalize.intensity_statistics(image)
     planes = [((np.asarray(image.array[t], np.float32) - mean[0]) / std[0])[None] for t in range(args.b_planes)]
     print("\n(b) in-memory throughput at equal forward memory: predict_tiled vs MONAI sliding_window_inference "
           "(overlap 0.25, gaussian) with a padded twin of the same U-Net")

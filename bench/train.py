@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from unet_core import io, weighted_cross_entropy
+from unet_core import ingest, weighted_cross_entropy
 from unet_core.demo import write_demo_data
 from unet_core.model import UNet
 from unet_core.train import TileDataset, TrainSettings, load_training_stack
@@ -87,7 +87,7 @@ def main():
         write_demo_data(tmp / "demo")
         stacks = []
         for name in ("timelapse_a", "timelapse_b", "timelapse_d"):
-            zarr_path = io.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
+            zarr_path = ingest.ingest(tmp / "demo" / f"{name}.tif", tmp / f"{name}.ome.zarr",
                                   labels_path=tmp / "demo" / f"{name}_labels.tif")
             stacks.append(load_training_stack(zarr_path, None, 2))
         preset = TrainSettings(base_channels=16, depth=4, tile=164, batch_size=4, steps=10_000)

@@ -20,6 +20,8 @@ ALLOWED = {
     "metrics": {"isbi"},
     "qc": set(),
     "io": {"atomic"},
+    "tiff": {"io"},
+    "pyramid": {"io"},
     "normalize": {"io"},
 }
 # Edges that must never come back, whatever else changes.
@@ -33,13 +35,12 @@ FORBIDDEN = {
 # with its reason; none may grow, and no other may join without a reason here.
 MODULE_LINES = 600
 LONG_MODULES = {
-    "io": (1312, "OME-Zarr model, TIFF readers, pyramids and ingest: to be split into ngff/tiff/pyramid"),
     "report": (815, "log forensics, QC flags and figures beside the rendering: run_status and figures to move out"),
     "isbi": (693, "the official ISBI 2012 metrics (Rand, VOI, warping error) with their documentation"),
 }
 FUNCTION_LINES = 80
 LONG_FUNCTIONS = {
-    ("io", "ingest"): 123, ("report", "write_report"): 121, ("predict", "predict_image"): 103,
+    ("ingest", "ingest"): 123, ("report", "write_report"): 121, ("predict", "predict_image"): 103,
     ("segment", "segment_image"): 87, ("cli", "_stage_parsers"): 86, ("evaluate", "evaluate_stack"): 84,
 }
 
@@ -72,7 +73,7 @@ def _module_aliases(tree):
 
 def test_the_graph_covers_every_module():
     assert set(ALLOWED) | set(FORBIDDEN) | {"__init__", "cli", "plan", "prepare", "segment", "evaluate", "report",
-                                            "train", "predict"} >= set(MODULES)
+                                            "train", "predict", "ingest"} >= set(MODULES)
 
 
 def _private_uses(tree) -> list[str]:

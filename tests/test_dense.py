@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from unet_core import io
+from unet_core import ingest, io
 from unet_core.evaluate import evaluate_stack
 from unet_core.metrics import boundary_average_precision, instance_agreement
 from unet_core.prepare import prepare_targets
@@ -72,7 +72,7 @@ def test_weight_map_stage_makes_boundary_targets_from_dense_labels(tmp_path):
     labels, stain = tissue()
     tifffile.imwrite(tmp_path / "raw.tif", stain)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    image = io.ingest(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", labels_path=tmp_path / "labels.tif", axes="zyx")
+    image = ingest.ingest(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", labels_path=tmp_path / "labels.tif", axes="zyx")
     import zarr
 
     group = zarr.open_group(prepare_targets(image, tmp_path / "w.zarr", ndim=3, labels="dense"), mode="r")
@@ -148,7 +148,7 @@ def dense_stack(tmp_path):
     labels, stain = tissue(seed=3)
     tifffile.imwrite(tmp_path / "raw.tif", stain)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
-    image = io.ingest(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", labels_path=tmp_path / "labels.tif", axes="zyx")
+    image = ingest.ingest(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", labels_path=tmp_path / "labels.tif", axes="zyx")
     # A "learned" map that is the true boundary, a little blurred: better than the noisy stain.
     foreground = 1 - ndimage.gaussian_filter(true_boundaries(labels).astype(np.float32), 0.5)
     return {"labels": labels, "image": image, "probs": _probabilities(tmp_path / "p.ome.zarr", foreground),

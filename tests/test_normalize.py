@@ -6,7 +6,7 @@ import tifffile
 import torch
 from conftest import whole_image_reference
 
-from unet_core import UNet, io, normalize
+from unet_core import UNet, ingest, io, normalize
 from unet_core.normalize import Normalization, normalization_table
 from unet_core.predict import predict_image
 from unet_core.train import TrainSettings, load_training_stack, train
@@ -24,7 +24,7 @@ def _stack(tmp_path, seed=0, labels=False):
         truth = np.zeros(data.shape, np.uint16)
         truth[:, 5:20, 5:25], truth[:, 25:40, 10:50] = 1, 2
         tifffile.imwrite(tmp_path / "in_labels.tif", truth, metadata={"axes": "TYX"}, photometric="minisblack")
-    path = io.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes="tyx",
+    path = ingest.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes="tyx",
                      labels_path=tmp_path / "in_labels.tif" if labels else None)
     return path, data.astype(np.float32)
 
@@ -50,7 +50,7 @@ def test_zscore_per_stack_is_what_models_before_it_used(tmp_path):
     path, _ = _stack(tmp_path)
     image = io.open_image(path)
     table = normalization_table(image, Normalization(), ("t",))
-    mean, std = io.intensity_statistics(image)
+    mean, std = normalize.intensity_statistics(image)
     assert table.offset == (tuple(mean),) and table.divisor == (tuple(std),)
     assert Normalization.from_checkpoint("zscore-per-stack") == Normalization() == Normalization.from_checkpoint(None)
     assert Normalization.from_checkpoint(PERCENTILE.as_dict()) == PERCENTILE
@@ -68,7 +68,7 @@ def test_large_images_are_sampled_by_chunks(tmp_path, monkeypatch):
 
 def test_constant_image_gets_divisor_one(tmp_path):
     tifffile.imwrite(tmp_path / "c.tif", np.full((2, 8, 8), 7, np.uint16), metadata={"axes": "TYX"})
-    image = io.open_image(io.ingest(tmp_path / "c.tif", tmp_path / "c.ome.zarr", axes="tyx"))
+    image = io.open_image(ingest.ingest(tmp_path / "c.tif", tmp_path / "c.ome.zarr", axes="tyx"))
     assert normalization_table(image, PERCENTILE, ("t",)).divisor == ((1.0,), (1.0,))
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from unet_core import io
+from unet_core import ingest, io
 from unet_core.demo import synthetic_nuclei
 from unet_core.metrics import merges_and_splits
 from unet_core.normalize import Normalization
@@ -36,8 +36,8 @@ def nuclei_run(tmp_path_factory):
     tifffile.imwrite(root / "n.tif", image, imagej=True, metadata={"axes": "TYX"})
     tifffile.imwrite(root / "n_labels.tif", labels.astype(np.uint16), imagej=True, metadata={"axes": "TYX"})
     common = dict(labels_path=root / "n_labels.tif", axes="tyx")
-    training = io.ingest(root / "n.tif", root / "train.ome.zarr", subset={"t": slice(0, 2)}, **common)
-    held_out = io.ingest(root / "n.tif", root / "test.ome.zarr", subset={"t": slice(2, 4)}, **common)
+    training = ingest.ingest(root / "n.tif", root / "train.ome.zarr", subset={"t": slice(0, 2)}, **common)
+    held_out = ingest.ingest(root / "n.tif", root / "test.ome.zarr", subset={"t": slice(2, 4)}, **common)
     settings = TrainSettings(base_channels=16, depth=3, tile=92, batch_size=4, steps=400, learning_rate=0.002,
                              gray_strength=0.3, validate_every=10**6, log_every=100, seed=0,
                              normalize=Normalization(method="percentile", scope="image"))

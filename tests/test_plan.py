@@ -8,7 +8,7 @@ import pytest
 import tifffile
 import torch
 
-from unet_core import UNet, io
+from unet_core import UNet, ingest, io
 from unet_core.cli import main
 from unet_core.plan import plan_prediction
 from unet_core.predict import predict_image
@@ -44,7 +44,7 @@ def test_estimate_of_a_small_volume_is_within_30_percent_of_the_run(tmp_path):
     model = _model(tmp_path / "m.pt", base_channels=8, depth=3)
     data = np.random.default_rng(0).integers(0, 255, (12, 1000, 1100)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": "ZYX"}, photometric="minisblack")
-    image = io.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes="zyx")
+    image = ingest.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes="zyx")
     plan = plan_prediction(model, image, device="cpu")
     began = time.perf_counter()
     summary = predict_image(model, image, tmp_path / "out.ome.zarr", planewise=True, device="cpu")

@@ -14,7 +14,7 @@ import tifffile
 import torch
 from conftest import whole_image_reference
 
-from unet_core import UNet, io
+from unet_core import UNet, ingest, io, normalize
 from unet_core.blocklog import finished_blocks
 from unet_core.predict import CPU_MEMORY_BUDGET, default_tile_shape, predict_image
 
@@ -28,12 +28,12 @@ def _model_file(path, **kwargs):
 
 def _image(tmp_path, data, axes):
     tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": axes}, photometric="minisblack")
-    return io.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes=axes.lower())
+    return ingest.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes=axes.lower())
 
 
 def _normalised(image_path):
     image = io.open_image(image_path)
-    mean, std = io.intensity_statistics(image)
+    mean, std = normalize.intensity_statistics(image)
     return image, np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 

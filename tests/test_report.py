@@ -22,7 +22,7 @@ import tifffile
 from conftest import copy_workflow, run_snakemake
 from scipy import ndimage
 
-from unet_core import io
+from unet_core import ingest, io
 from unet_core import report as report_module
 from unet_core.report import last_exception, qc_flags, report_incomplete_run, write_report
 
@@ -92,7 +92,7 @@ def _write_stack(root: Path, name: str, *, seed: int, planes: int = 3, cells: in
     tiff = root / "raw" / f"{name}.tif"
     tiff.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(tiff, image, software=software, photometric="minisblack", metadata={"axes": "TYX"})
-    zarr_path = io.ingest(tiff, root / "zarr" / f"{name}.ome.zarr", axes="tyx")
+    zarr_path = ingest.ingest(tiff, root / "zarr" / f"{name}.ome.zarr", axes="tyx")
     segmentation = root / "segmentation" / f"{name}.ome.zarr"
     with io.atomic_image(segmentation, "tyx", shape, dtype="uint32", scale=[1.0, 1.0, 1.0]) as writer:
         for t in range(planes):
@@ -163,8 +163,8 @@ def test_last_exception_takes_the_final_error_of_chained_tracebacks():
     log = ("Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'inner'\n\n"
            "During handling of the above exception, another exception occurred:\n\n"
            "Traceback (most recent call last):\n  File \"b.py\", line 2, in f\n    g()\n"
-           "unet_core.io.TiffError: raw/b.tif: not a readable TIFF file\nsecond line of the message\n")
-    assert last_exception(log) == ("unet_core.io.TiffError: raw/b.tif: not a readable TIFF file\n"
+           "unet_core.tiff.TiffError: raw/b.tif: not a readable TIFF file\nsecond line of the message\n")
+    assert last_exception(log) == ("unet_core.tiff.TiffError: raw/b.tif: not a readable TIFF file\n"
                                    "second line of the message")
     assert last_exception("step 1\nstep 2\n") is None
     assert last_exception("") is None
@@ -285,7 +285,7 @@ def test_failed_and_missing_stacks_are_listed_with_their_error(tmp_path):
     missing = {name: {"metrics": tmp_path / "metrics" / f"{name}.json", "image": tmp_path / f"{name}.ome.zarr",
                       "segmentation": tmp_path / f"{name}.seg.ome.zarr"} for name in ("corrupt", "killed", "waiting")}
     _traceback_log(logs / "ingest" / "corrupt.log",
-                   "unet_core.io.TiffError: raw/corrupt.tif: not a readable TIFF file (not a TIFF file)")
+                   "unet_core.tiff.TiffError: raw/corrupt.tif: not a readable TIFF file (not a TIFF file)")
     (logs / "segment").mkdir(parents=True)
     (logs / "segment" / "killed.log").write_text("segmenting\nKilled\n")
     snakemake_log = tmp_path / "snakemake.log"
@@ -316,7 +316,7 @@ def test_failed_and_missing_stacks_are_listed_with_their_error(tmp_path):
     assert [overview[n]["cells"][2]["text"] for n in ("good", "repaired")] == ["ok", "ok"]
     failures = {name: [c["text"].strip() for c in row["cells"]] for name, row in _rows(page, "failure-table").items()}
     assert set(failures) == {"corrupt", "killed", "waiting"}
-    assert failures["corrupt"][1:4] == ["failed", "ingest", "unet_core.io.TiffError: raw/corrupt.tif: not a "
+    assert failures["corrupt"][1:4] == ["failed", "ingest", "unet_core.tiff.TiffError: raw/corrupt.tif: not a "
                                                             "readable TIFF file (not a TIFF file)"]
     assert failures["corrupt"][4] == str(logs / "ingest" / "corrupt.log")
     assert failures["killed"][1:4] == ["failed", "segment", "Killed"]

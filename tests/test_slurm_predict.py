@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import slurm
 
-from unet_core import UNet, io
+from unet_core import UNet, ingest, io
 from unet_core.blocklog import finished_blocks
 from unet_core.predict import predict_image
 
@@ -38,7 +38,7 @@ def volume(tmp_path_factory):
     torch.save({"model": model.state_dict(), "architecture": model.config()}, root / "m.pt")
     data = np.random.default_rng(0).integers(0, 255, (48, 128, 128)).astype(np.uint8)
     tifffile.imwrite(root / "in.tif", data, metadata={"axes": "TYX"}, photometric="minisblack")
-    image = io.ingest(root / "in.tif", root / "in.ome.zarr", axes="tyx")
+    image = ingest.ingest(root / "in.tif", root / "in.ome.zarr", axes="tyx")
     reference = predict_image(root / "m.pt", image, root / "local.ome.zarr", block_shape=(32, 32))
     return root, image, reference["blocks"]
 

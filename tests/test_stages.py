@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core import io
+from unet_core import ingest, io, normalize
 from unet_core.evaluate import evaluate_stack
 from unet_core.predict import load_model, predict_image
 from unet_core.prepare import prepare_targets
@@ -21,7 +21,7 @@ def pipeline(demo_tiffs, tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     paths = {}
     for name in ("timelapse_a", "timelapse_c", "volume_3d"):
-        paths[name] = io.ingest(demo_tiffs / f"{name}.tif", root / f"{name}.ome.zarr",
+        paths[name] = ingest.ingest(demo_tiffs / f"{name}.tif", root / f"{name}.ome.zarr",
                                 labels_path=demo_tiffs / f"{name}_labels.tif")
     weights = prepare_targets(paths["timelapse_a"], root / "timelapse_a.weights.zarr")
     val_weights = prepare_targets(paths["timelapse_c"], root / "timelapse_c.weights.zarr")
@@ -43,7 +43,7 @@ def test_weight_map_stage_matches_function(pipeline):
 
 
 def test_weight_map_stage_needs_ground_truth(demo_tiffs, tmp_path):
-    image = io.ingest(demo_tiffs / "timelapse_e.tif", tmp_path / "e.ome.zarr")
+    image = ingest.ingest(demo_tiffs / "timelapse_e.tif", tmp_path / "e.ome.zarr")
     with pytest.raises(ValueError, match="e.ome.zarr: has no ground truth"):
         prepare_targets(image, tmp_path / "w.zarr")
     assert not (tmp_path / "w.zarr").exists()
@@ -81,7 +81,7 @@ def test_predict_segment_evaluate_report(pipeline):
         # equals in-memory overlap-tile prediction of the normalised plane
         model, _ = load_model(model_path)
         source = io.open_image(paths[name])
-        mean, std = io.intensity_statistics(source)
+        mean, std = normalize.intensity_statistics(source)
         plane = (np.asarray(source.array[1], np.float32) - mean[0]) / std[0]
         from unet_core import predict_tiled
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_core import io
+from unet_core import ingest
 from unet_core.model import UNet
 from unet_core.prepare import prepare_targets
 from unet_core.train import TileDataset, TrainSettings, load_training_stack, train, weights_digest
@@ -23,8 +23,8 @@ SETTINGS = dict(base_channels=4, depth=2, tile=36, batch_size=2, dropout=0.3, va
 @pytest.fixture(scope="module")
 def stacks(demo_tiffs, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    image = io.ingest(demo_tiffs / "timelapse_a.tif", root / "a.ome.zarr", labels_path=demo_tiffs / "timelapse_a_labels.tif")
-    volume = io.ingest(demo_tiffs / "volume_3d.tif", root / "v.ome.zarr", labels_path=demo_tiffs / "volume_3d_labels.tif")
+    image = ingest.ingest(demo_tiffs / "timelapse_a.tif", root / "a.ome.zarr", labels_path=demo_tiffs / "timelapse_a_labels.tif")
+    volume = ingest.ingest(demo_tiffs / "volume_3d.tif", root / "v.ome.zarr", labels_path=demo_tiffs / "volume_3d_labels.tif")
     weights = prepare_targets(image, root / "a.weights.zarr")
     return {"root": root, "image": image, "weights": weights, "volume": volume}
 

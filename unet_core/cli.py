@@ -38,7 +38,7 @@ def _demo_data(args) -> None:
 
 
 def _ingest(args) -> None:
-    from .io import ingest
+    from .ingest import ingest
     ingest(args.input, args.output, labels_path=args.labels, axes=args.axes, chunks=args.chunks,
            pyramid=not args.no_pyramid, subset=args.subset)
 

@@ -3,7 +3,7 @@
 Two methods (config ``normalize.method``), each per stack or per image (``normalize.scope``):
 
 - ``zscore``: ``(x - mean) / std``. Per stack it is the whole-stack mean and std computed once
-  (:func:`unet_core.io.intensity_statistics`), the behaviour of every model trained before
+  (:func:`intensity_statistics`), the behaviour of every model trained before
   percentile normalisation existed.
 - ``percentile``: ``(x - p_low) / (p_high - p_low)`` with the ``low`` and ``high`` percentiles
   (1 and 99.8 by default, as in CSBDeep/StarDist): robust to a few very bright objects (mitoses,
@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import dask.array as da
 import numpy as np
 
 from . import io
 
-__all__ = ["Normalization", "NormalizationTable", "normalization_table", "NORMALIZATION_METHODS",
-           "NORMALIZATION_SCOPES"]
+__all__ = ["Normalization", "NormalizationTable", "normalization_table", "intensity_statistics",
+           "NORMALIZATION_METHODS", "NORMALIZATION_SCOPES", "STATISTICS_MAX_CHUNKS"]
 
 NORMALIZATION_METHODS = ("zscore", "percentile")
 NORMALIZATION_SCOPES = ("stack", "image")
@@ -141,7 +143,7 @@ def normalization_table(image: io.Image, normalization: Normalization, loop_axes
     loop_axes = tuple(a for a in image.axes if a in loop_axes)
     loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
     if normalization.method == "zscore" and normalization.scope == "stack":
-        mean, std = io.intensity_statistics(image)
+        mean, std = intensity_statistics(image)
         return NormalizationTable(normalization, loop_axes, loop_shape, (tuple(mean),), (tuple(std),))
     positions = [dict(zip(loop_axes, p)) for p in np.ndindex(*loop_shape)] if normalization.scope == "image" else [{}]
     offsets, divisors = [], []
@@ -186,3 +188,60 @@ def _values(image: io.Image, where: Mapping[str, int]) -> np.ndarray:
         else:
             parts.append(np.moveaxis(block, kept.index("c"), 0).reshape(block.shape[kept.index("c")], -1))
     return np.concatenate(parts, axis=1)
+
+
+# Above this many chunks, intensity statistics come from this many chunks spread evenly over the
+# volume: a terabyte volume has 10^5-10^7 chunks, and neither one client reading all of them nor a
+# dask graph of one task per chunk scales (bench/scale.py). 1024 chunks of a varied volume give
+# the mean and standard deviation to well under 1 %.
+STATISTICS_MAX_CHUNKS = 1024
+
+
+def intensity_statistics(image: io.Image, max_chunks: int | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over the whole image, streamed by chunks.
+
+    An image of more than ``max_chunks`` chunks (default :data:`STATISTICS_MAX_CHUNKS`) is
+    sampled: that many chunks at evenly spaced positions of its chunk grid (in storage order,
+    so every part of the volume contributes), merged exactly as if they were the image.
+    """
+    max_chunks = STATISTICS_MAX_CHUNKS if max_chunks is None else max_chunks
+    array = image.array
+    # chunk grid; a sample reads every channel at its position
+    grid = tuple(1 if a == "c" else -(-s // c) for a, s, c in zip(image.axes, array.shape, array.chunks))
+    count = math.prod(grid)
+    reduce_axes = tuple(i for i, a in enumerate(image.axes) if a != "c")
+    if count <= max_chunks:
+        data = da.from_zarr(array).astype(np.float64)
+        mean, std = da.compute(data.mean(axis=reduce_axes), data.std(axis=reduce_axes))
+    else:
+        mean, std = _sampled_statistics(image, grid, reduce_axes, np.linspace(0, count - 1, max_chunks).round())
+    mean, std = np.atleast_1d(mean), np.atleast_1d(std)
+    std = np.where(std > 0, std, 1.0)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def _sampled_statistics(image: io.Image, grid, reduce_axes, picks) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over the chunks at flat grid positions ``picks`` (merged by Chan et al.'s
+    pairwise update, which stays exact where sums of squares would cancel)."""
+    array = image.array
+
+    def moments(flat):
+        position = np.unravel_index(int(flat), grid)
+        region = tuple(slice(None) if a == "c" else slice(p * c, min((p + 1) * c, s))
+                       for a, p, c, s in zip(image.axes, position, array.chunks, array.shape))
+        chunk = np.asarray(array[region], np.float64)
+        n = math.prod(chunk.shape[a] for a in reduce_axes)
+        mean = chunk.mean(axis=reduce_axes)
+        return n, mean, ((chunk - np.expand_dims(mean, reduce_axes)) ** 2).sum(axis=reduce_axes)
+
+    total, mean, m2 = 0, 0.0, 0.0
+    with ThreadPoolExecutor(8) as pool:
+        for n, chunk_mean, chunk_m2 in pool.map(moments, np.unique(picks)):
+            delta = chunk_mean - mean
+            merged = total + n
+            mean = mean + delta * n / merged
+            m2 = m2 + chunk_m2 + delta**2 * total * n / merged
+            total = merged
+    return mean, np.sqrt(m2 / total)
+
+

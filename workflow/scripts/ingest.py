@@ -2,7 +2,7 @@
 
 from _common import logged
 
-from unet_core.io import ingest
+from unet_core.ingest import ingest
 
 
 def main(snakemake):
