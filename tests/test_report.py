@@ -22,7 +22,7 @@ import tifffile
 from conftest import copy_workflow, run_snakemake
 from scipy import ndimage
 
-from unet_core import ingest, io
+from unet_core import figures, ingest, io
 from unet_core import report as report_module
 from unet_core.report import last_exception, qc_flags, report_incomplete_run, write_report
 
@@ -352,13 +352,13 @@ def test_representative_planes_are_read_one_at_a_time(batch, monkeypatch):
 
     monkeypatch.setattr(io.Image, "read", recording_read)
     counts = stacks[0]["result"]["qc"]["objects_per_plane"]  # 6, 7, 8 objects in t = 0, 1, 2
-    planes = report_module._plane_images(stacks[0]["image"], stacks[0]["segmentation"], counts)
+    planes = figures.plane_images(stacks[0]["image"], stacks[0]["segmentation"], counts)
     assert [p["position"] for p in planes] == ["t=0", "t=1", "t=2"]
     assert "fewest objects" in planes[0]["reason"] and "most objects" in planes[2]["reason"]
     assert all("t" in where for _, where in reads) and len(reads) == 6  # one raw + one label plane each
-    assert report_module._representative_planes([3, 9, 1, 4, 4, 2, 5], 7) == [
+    assert figures.representative_planes([3, 9, 1, 4, 4, 2, 5], 7) == [
         (1, "most objects (9)"), (2, "fewest objects (1)"), (3, "middle plane")]
-    assert report_module._representative_planes([], 1) == [(0, "the only plane")]
+    assert figures.representative_planes([], 1) == [(0, "the only plane")]
 
 
 # ----------------------------------------------------------------------------- workflow (Bar 3)

@@ -14,16 +14,13 @@ planes are read, one at a time. Planes are ``(Y, X)`` arrays throughout.
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime
 import importlib.metadata
-import io as _io
 import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import traceback
@@ -35,23 +32,19 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import io
 from .atomic import write_text
+from .figures import histogram_figure, plane_images, training_figure
 from .qc import flag_outlier_stacks
+from .run_status import (STACK_RULES, STATUS_FAILED, STATUS_NOT_RUN, STATUS_OK, failed_job_logs, last_exception,
+                         model_status, stack_status)
 from .weights import LABEL_KIND_TARGETS
 
 __all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
 
-# Rules that run once per stack, in pipeline order: the first one whose log holds an error
-# is the one that failed. ``train`` runs once per model.
-STACK_RULES = ("ingest", "weight_map", "predict", "segment", "evaluate")
-MODEL_RULE = "train"
 
 _UNCERTAIN_LIMIT = 0.15
 _OUTLIER_Z = 3.5
-_MAX_PLANE_PIXELS = 512  # longest edge of a plane image in the report (strided above that)
-_LOG_TAIL_BYTES = 1 << 18
 _VERSIONED = ("unet-core", "torch", "numpy", "zarr", "dask", "snakemake", "tifffile", "scikit-image",
               "matplotlib", "jinja2")
-_STATUS_OK, _STATUS_FAILED, _STATUS_NOT_RUN = "ok", "failed", "not run"
 # Columns of the batch table: key, header, section of the metrics JSON, field, format.
 # Every column is judged for outliers against the batch (robust z-score).
 _COLUMNS = (
@@ -79,112 +72,6 @@ _AGAINST_BASELINE = (
     ("VOI merge (lower is better)", "voi_merge", ("baseline", "voi_merge")),
     ("boundary AP: boundary map vs raw stain (higher is better)", "boundary_ap", (None, "stain_boundary_ap")),
 )
-_TRACEBACK = "Traceback (most recent call last):"
-_SNAKEMAKE_FAILED_LOG = re.compile(r"^\s*log: (.+) \(check log file\(s\) for error details\)\s*$", re.M)
-
-
-# ----------------------------------------------------------------------------- failures
-def last_exception(text: str) -> str | None:
-    """The exception line (with any continuation lines) of the last Python traceback in ``text``.
-
-    Examples
-    --------
-    >>> log = '''Traceback (most recent call last):
-    ...   File "x.py", line 1, in <module>
-    ...     raise ValueError("raw/b.tif: not a TIFF")
-    ... ValueError: raw/b.tif: not a TIFF'''
-    >>> last_exception(log)
-    'ValueError: raw/b.tif: not a TIFF'
-    >>> last_exception("all fine") is None
-    True
-    """
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip().endswith(_TRACEBACK)]
-    if not starts:
-        return None
-    message: list[str] = []
-    for line in lines[starts[-1] + 1:]:
-        if not message:
-            if line.strip() and not line[:1].isspace():
-                message.append(line.rstrip())
-            continue
-        if not line.strip() or line.startswith(("During handling", "The above exception", _TRACEBACK)):
-            break
-        message.append(line.rstrip())
-        if len(message) >= 20:
-            break
-    return "\n".join(message)[:4000] or None
-
-
-def _log_tail(path: Path) -> str:
-    """The last ``_LOG_TAIL_BYTES`` of a log (logs of huge jobs are not read whole)."""
-    with open(path, "rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(handle.tell() - _LOG_TAIL_BYTES, 0))
-        return handle.read().decode("utf-8", errors="replace")
-
-
-def _failed_job_logs(snakemake_logs: Sequence[str | Path]) -> set[Path]:
-    """Log files of the jobs that Snakemake reported as failed ("Error in rule ...") in its logs."""
-    failed = set()
-    for path in snakemake_logs or ():
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError:
-            continue
-        for match in _SNAKEMAKE_FAILED_LOG.finditer(text):
-            failed.update(Path(p.strip()).resolve() for p in match.group(1).split(","))
-    return failed
-
-
-def _job_failure(log: Path, output: Path | None, failed_logs: set[Path]) -> str | None:
-    """The error of the job that wrote ``log`` if its last attempt failed, else None.
-
-    A job failed when Snakemake said so, or when its log holds a traceback that is not older
-    than the stack's final output (an older one belongs to an attempt that a later run repaired).
-    """
-    if not log.is_file():
-        return None
-    error = last_exception(_log_tail(log))
-    if log.resolve() in failed_logs:
-        if error:
-            return error
-        lines = [line for line in _log_tail(log).splitlines() if line.strip()]
-        return lines[-1][:4000] if lines else "the job failed and left an empty log"
-    if error is None:
-        return None
-    if output is not None and output.exists() and output.stat().st_mtime > log.stat().st_mtime:
-        return None
-    return error
-
-
-def _stack_status(stack: str, metrics_path: Path, logs_dir: Path | None, failed_logs: set[Path],
-                  model_failed: bool) -> dict:
-    status = {"stack": stack, "status": _STATUS_OK, "rule": None, "error": None, "log": None}
-    if logs_dir is not None:
-        for rule in STACK_RULES:
-            log = logs_dir / rule / f"{stack}.log"
-            error = _job_failure(log, metrics_path, failed_logs)
-            if error is not None:
-                return {**status, "status": _STATUS_FAILED, "rule": rule, "error": error, "log": str(log)}
-    if metrics_path.exists():
-        return status
-    reason = ("the model was not trained (rule train failed)" if model_failed else
-              "no output and no error in its logs: an upstream job failed or the run was interrupted")
-    return {**status, "status": _STATUS_NOT_RUN, "error": reason}
-
-
-def _model_status(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path]) -> dict:
-    model = model_dir / "model.pt"
-    status = {"status": _STATUS_OK, "error": None, "log": None}
-    if logs_dir is not None:
-        log = logs_dir / MODEL_RULE / f"{model_dir.name}.log"
-        error = _job_failure(log, model, failed_logs)
-        if error is not None:
-            return {"status": _STATUS_FAILED, "error": error, "log": str(log)}
-    if not model.exists():
-        return {**status, "status": _STATUS_NOT_RUN, "error": f"{model} does not exist"}
-    return status
 
 
 # ----------------------------------------------------------------------------- QC flags
@@ -226,147 +113,6 @@ def qc_flags(results: list[dict]) -> list[list[str]]:
                 stack_flags.append(f"{headers[key]} outlier in batch (robust z {score:+.1f})")
         flags.append(stack_flags)
     return flags
-
-
-# ----------------------------------------------------------------------------- images
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure_png(figure) -> str:
-    plt = _pyplot()
-    buffer = _io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(figure)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _array_png(array: np.ndarray, **kwargs) -> str:
-    from matplotlib.image import imsave
-
-    buffer = _io.BytesIO()
-    imsave(buffer, array, format="png", **kwargs)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _representative_planes(counts: Sequence[int], n_planes: int) -> list[tuple[int, str]]:
-    """Up to three plane indices: most objects, the middle plane, fewest objects."""
-    if n_planes <= 1:
-        return [(0, "the only plane")]
-    picks: dict[int, list[str]] = {}
-    if len(counts) == n_planes:
-        picks.setdefault(int(np.argmax(counts)), []).append(f"most objects ({max(counts)})")
-    picks.setdefault(n_planes // 2, []).append("middle plane")
-    if len(counts) == n_planes:
-        picks.setdefault(int(np.argmin(counts)), []).append(f"fewest objects ({min(counts)})")
-    return [(index, ", ".join(reasons)) for index, reasons in sorted(picks.items())]
-
-
-def _plane_images(image_path: Path, segmentation_path: Path, counts: Sequence[int]) -> list[dict]:
-    """Raw and predicted-boundary overlay of a few representative planes, one plane read at a time."""
-    from skimage.segmentation import find_boundaries
-
-    image = io.open_image(image_path)
-    labels = io.open_image(segmentation_path)
-    loop_axes = [a for a in labels.axes if a not in "yx"]
-    loop_shape = [labels.shape[labels.axes.index(a)] for a in loop_axes]
-    planes = []
-    for index, reason in _representative_planes(counts, int(np.prod(loop_shape)) if loop_shape else 1):
-        where = {a: int(i) for a, i in zip(loop_axes, np.unravel_index(index, loop_shape))} if loop_axes else {}
-        raw = image.read({**where, **({"c": 0} if "c" in image.axes else {})}, order=("y", "x"))
-        segmentation = labels.read(where, order=("y", "x"))
-        step = max(1, math.ceil(max(raw.shape) / _MAX_PLANE_PIXELS))
-        raw = raw[::step, ::step].astype(np.float32)
-        segmentation = segmentation[::step, ::step]
-        low, high = np.percentile(raw, [1, 99.5])
-        raw = np.clip((raw - low) / max(high - low, 1e-6), 0, 1)
-        overlay = np.repeat(raw[..., None], 3, axis=-1)
-        overlay[find_boundaries(segmentation, mode="inner")] = (1.0, 0.2, 0.1)
-        position = ", ".join(f"{a}={i}" for a, i in where.items()) or "2D image"
-        planes.append({
-            "position": position, "reason": reason, "objects": int(counts[index]) if index < len(counts) else None,
-            "channel": "channel 0" if "c" in image.axes else None, "step": step,
-            "raw": _array_png(raw, cmap="gray", vmin=0.0, vmax=1.0), "overlay": _array_png(overlay),
-        })
-    return planes
-
-
-def _histogram_figure(result: dict) -> str:
-    """Probability histogram, object size histogram, and per-plane objects and intensity."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator, NullFormatter
-
-    qc = result["qc"]
-    per_plane = len(qc.get("objects_per_plane", [])) > 1
-    figure, axes = plt.subplots(1, 3 if per_plane else 2, figsize=(13 if per_plane else 9, 2.8))
-    histogram = np.asarray(qc.get("probability_histogram", []), float)
-    if histogram.size:
-        edges = np.linspace(0, 1, histogram.size + 1)
-        axes[0].bar(edges[:-1], np.maximum(histogram, 0.5), width=np.diff(edges), align="edge", color="#4a7ab5")
-        axes[0].set_yscale("log")
-    axes[0].set_xlabel("foreground probability")
-    axes[0].set_ylabel("pixels")
-    axes[0].set_title("probability histogram")
-    sizes = np.asarray(qc.get("object_sizes", []), float)
-    sizes = sizes[sizes > 0]
-    if sizes.size and sizes.max() > 10 * sizes.min():
-        axes[1].hist(sizes, bins=np.geomspace(sizes.min(), sizes.max(), 30), color="#5a9e6f")
-        axes[1].set_xscale("log")
-        axes[1].xaxis.set_minor_formatter(NullFormatter())
-    elif sizes.size:
-        axes[1].hist(sizes, bins=30 if sizes.max() > sizes.min() else 1, color="#5a9e6f")
-    else:
-        axes[1].text(0.5, 0.5, "no objects", ha="center", va="center", transform=axes[1].transAxes)
-    axes[1].set_xlabel("object size (px)")
-    axes[1].set_ylabel("objects")
-    axes[1].set_title("object sizes")
-    if per_plane:
-        counts = qc["objects_per_plane"]
-        axes[2].plot(range(len(counts)), counts, "o-", color="#b35900", label="objects")
-        axes[2].set_xlabel("plane")
-        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[2].set_ylabel("objects", color="#b35900")
-        intensity = qc.get("mean_intensity_per_plane") or []
-        if len(intensity) == len(counts):
-            twin = axes[2].twinx()
-            twin.plot(range(len(intensity)), intensity, "s--", color="#555555", markersize=3)
-            twin.set_ylabel("mean intensity", color="#555555")
-        axes[2].set_title("per plane")
-    figure.tight_layout()
-    return _figure_png(figure)
-
-
-def _training_figure(log_path: Path) -> str | None:
-    if not log_path.exists():
-        return None
-    with open(log_path, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if not rows:
-        return None
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    steps = [int(r["step"]) for r in rows]
-    axes[0].plot(steps, [float(r["loss"]) for r in rows], label="training loss")
-    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
-    if val:
-        axes[0].plot(*zip(*val), "o-", label="validation loss")
-    iou = [(int(r["step"]), float(r["val_iou"])) for r in rows if r.get("val_iou")]
-    if iou:
-        axes[1].plot(*zip(*iou), "o-", color="#5a9e6f")
-        axes[1].set_ylabel("validation foreground IoU")
-    else:
-        axes[1].text(0.5, 0.5, "no validation stacks", ha="center", va="center", transform=axes[1].transAxes)
-    for ax in axes:
-        ax.set_xlabel("step")
-    axes[0].set_ylabel("weighted cross-entropy")
-    axes[0].legend()
-    figure.tight_layout()
-    return _figure_png(figure)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -470,7 +216,7 @@ def _scalars(mapping: dict | None) -> dict[str, str]:
 
 def _stack_entry(status: dict, image: Path, segmentation: Path) -> dict:
     entry = {**status, "display": status["stack"], "role": None}
-    if status["status"] != _STATUS_OK:
+    if status["status"] != STATUS_OK:
         return entry
     result = entry["result"]
     entry["display"] = str(result.get("stack") or status["stack"])
@@ -485,12 +231,12 @@ def _stack_entry(status: dict, image: Path, segmentation: Path) -> dict:
     entry["against_baseline"] = _against_baseline(result.get("metrics") or {})
     entry["problems"] = []
     try:
-        entry["planes"] = _plane_images(image, segmentation, qc.get("objects_per_plane", []))
+        entry["planes"] = plane_images(image, segmentation, qc.get("objects_per_plane", []))
     except Exception as error:  # noqa: BLE001 - one unreadable output must not lose the report
         entry["planes"] = []
         entry["problems"].append(f"overlays not drawn: {type(error).__name__}: {error}")
     try:
-        entry["histograms"] = _histogram_figure(result)
+        entry["histograms"] = histogram_figure(result)
     except Exception as error:  # noqa: BLE001
         entry["histograms"] = None
         entry["problems"].append(f"histograms not drawn: {type(error).__name__}: {error}")
@@ -553,6 +299,9 @@ def _rounded(value):
     return value
 
 
+_KEPT_TOUCHING = "instance ids, touching kept as they are"
+
+
 def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
     """Which ground-truth kind, normalisation and segmentation method the run used (model card and
     the segmentations' own attributes, so the report says what was done, not what was asked)."""
@@ -561,7 +310,7 @@ def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
     kinds = sorted({(str(t.get("labels", "?")), t.get("separate_touching", True) is not False) for t in targets})
     if kinds:
         methods["ground truth"] = "; ".join(
-            f"{k}: {LABEL_KIND_TARGETS.get(k, k) if separate or k != 'instances' else 'instance ids, touching kept as they are'}"
+            f"{k}: {LABEL_KIND_TARGETS.get(k, k) if separate or k != 'instances' else _KEPT_TOUCHING}"
             for k, separate in kinds)
     normalization = card.get("normalization")
     if isinstance(normalization, dict):
@@ -583,7 +332,7 @@ def _methods(card: dict, segmentations: Sequence[Path]) -> dict[str, str]:
 
 
 def _model_section(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path]) -> dict:
-    section = {"name": model_dir.name, **_model_status(model_dir, logs_dir, failed_logs)}
+    section = {"name": model_dir.name, **model_status(model_dir, logs_dir, failed_logs)}
     card_path = model_dir / "model_card.json"
     card = {}
     if card_path.exists():
@@ -605,7 +354,7 @@ def _model_section(model_dir: Path, logs_dir: Path | None, failed_logs: set[Path
     section["card_data"] = card
     section["card"] = json.dumps(card, indent=2, default=str) if card else None
     try:
-        section["training_plot"] = _training_figure(model_dir / "training_log.tsv")
+        section["training_plot"] = training_figure(model_dir / "training_log.tsv")
     except (OSError, ValueError, KeyError) as error:
         section["training_plot"] = None
         section["card_error"] = f"training log not plotted: {error}"
@@ -677,22 +426,22 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
                          f"{len(metrics)}, {len(images)} and {len(segmentations)} paths")
     model_dir, output_path = Path(model_dir), Path(output_path)
     logs_dir = Path(logs_dir) if logs_dir is not None else None
-    failed_logs = _failed_job_logs(snakemake_logs)
+    failed_logs = failed_job_logs(snakemake_logs)
     model = _model_section(model_dir, logs_dir, failed_logs)
 
     statuses = []
     for metrics_path in map(Path, metrics):
         stack = metrics_path.name.removesuffix(".json")
-        status = _stack_status(stack, metrics_path, logs_dir, failed_logs, model["status"] != _STATUS_OK)
-        if status["status"] == _STATUS_OK:
+        status = stack_status(stack, metrics_path, logs_dir, failed_logs, model["status"] != STATUS_OK)
+        if status["status"] == STATUS_OK:
             try:
                 status["result"] = _read_result(metrics_path)
             except (OSError, ValueError) as error:
-                status = {**status, "status": _STATUS_FAILED, "rule": "evaluate",
+                status = {**status, "status": STATUS_FAILED, "rule": "evaluate",
                           "error": f"{type(error).__name__}: {error}", "log": str(metrics_path)}
         statuses.append(status)
 
-    ok = [s for s in statuses if s["status"] == _STATUS_OK]
+    ok = [s for s in statuses if s["status"] == STATUS_OK]
     results = [s["result"] for s in ok]
     for status, flags, scores in zip(ok, qc_flags(results), _outlier_scores(results)):
         status["flags"], status["z"] = flags, scores
@@ -712,15 +461,15 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     held_out = [r["metrics"]["foreground_iou"] for r in results
                 if _value(r, "metrics", "foreground_iou") is not None and r.get("role") != "train"]
     runtime_summary, runtime_jobs = _runtimes(Path(benchmarks_dir) if benchmarks_dir is not None else None)
-    counts = {state: sum(e["status"] == state for e in entries) for state in (_STATUS_OK, _STATUS_FAILED,
-                                                                             _STATUS_NOT_RUN)}
+    counts = {state: sum(e["status"] == state for e in entries) for state in (STATUS_OK, STATUS_FAILED,
+                                                                             STATUS_NOT_RUN)}
     methods = _methods(model.get("card_data", {}), [Path(p) for p in segmentations])
     html = _render({
         "title": title, "generated": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "incomplete": incomplete or counts[_STATUS_OK] < len(entries) or model["status"] != _STATUS_OK,
+        "incomplete": incomplete or counts[STATUS_OK] < len(entries) or model["status"] != STATUS_OK,
         "stopped_with_errors": incomplete, "counts": counts, "n_stacks": len(entries),
         "columns": [c[1] for c in present], "rows": rows, "entries": entries,
-        "failures": [e for e in entries if e["status"] != _STATUS_OK], "model": model,
+        "failures": [e for e in entries if e["status"] != STATUS_OK], "model": model,
         "mean_iou": float(np.mean(held_out)) if held_out else None,
         "versions": _versions(), "commit": _commit(Path(source_dir) if source_dir is not None else None),
         "host": platform.node(), "platform": platform.platform(), "source_dir": str(source_dir or "–"),
@@ -742,12 +491,12 @@ def _summary(entries: list[dict], model: dict, counts: dict, stopped_with_errors
     stacks = []
     for entry in entries:
         item = {"stack": entry["stack"], "role": entry["role"], "status": entry["status"]}
-        if entry["status"] == _STATUS_OK:
+        if entry["status"] == STATUS_OK:
             item.update(flags=entry.get("flags", []), metrics=entry["result"].get("metrics"))
         else:
             item.update(rule=entry["rule"], error=entry["error"], log=entry["log"])
         stacks.append(item)
-    complete = not stopped_with_errors and counts[_STATUS_OK] == len(entries) and model["status"] == _STATUS_OK
+    complete = not stopped_with_errors and counts[STATUS_OK] == len(entries) and model["status"] == STATUS_OK
     return {"complete": complete, "stopped_with_errors": stopped_with_errors,
             "counts": counts, "model": {k: model[k] for k in ("name", "status", "error", "log")}, "stacks": stacks}
 
