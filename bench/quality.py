@@ -160,8 +160,9 @@ def _tta(run: Path) -> Path:
     metrics = out / "isbi_heldout.json"
     if not metrics.exists():
         image = run / "results" / "zarr" / "isbi_heldout.ome.zarr"
-        probs = predict_image(run / "results" / "models" / "isbi2012" / "model.pt", image,
-                              out / "probabilities.ome.zarr", tta=True, planewise=True, dtype="float32")
+        probs = out / "probabilities.ome.zarr"
+        predict_image(run / "results" / "models" / "isbi2012" / "model.pt", image, probs, tta=True, planewise=True,
+                      dtype="float32")
         # The ISBI scores are computed on the probabilities; the segmentation only feeds the QC part.
         seg = segment_image(probs, out / "segmentation.ome.zarr", threshold=0.5, min_size=10)
         evaluate_stack(image_path=image, probabilities_path=probs, segmentation_path=seg, output_path=metrics,
