@@ -99,7 +99,7 @@ def _report(args) -> None:
 
 _DESCRIPTION = """\
 One subcommand per pipeline stage, for running a stage by hand or outside Snakemake.
-The nightly pipeline itself runs these stages as Snakemake rules (README: "Quick start").
+The nightly pipeline itself runs these stages as Snakemake rules (README: "Two commands").
 Run 'unet-core COMMAND --help' for the options of one command."""
 
 _EXIT_CODES = {"free": 0, "stale": 3, "held": 75}
