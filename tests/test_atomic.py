@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,68 @@ def test_atomic_file_keeps_previous_file_on_error_and_writes_the_same_bytes(tmp_
     (tmp_path / "ref").mkdir()
     torch.save(state, tmp_path / "ref" / "model.pt")
     assert target.read_bytes() == (tmp_path / "ref" / "model.pt").read_bytes()
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    """The system call itself (ext4, tmpfs, xfs, btrfs have it; without it the fallback runs)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("from a")
+    (b / "y").write_text("from b")
+    assert atomic._exchange(a, b), "renameat2(RENAME_EXCHANGE) is not available on this file system"
+    assert [p.name for p in a.iterdir()] == ["y"] and [p.name for p in b.iterdir()] == ["x"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "rename aside"])
+@pytest.mark.parametrize("kind", ["symlink to a folder", "file", "dangling symlink"])
+def test_a_folder_replaces_whatever_is_at_the_target(tmp_path, monkeypatch, kind, exchange):
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    elsewhere = tmp_path / "scratch"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours to delete")
+    target = tmp_path / "result"
+    if kind == "symlink to a folder":
+        target.symlink_to(elsewhere)
+    elif kind == "file":
+        target.write_text("old")
+    else:
+        target.symlink_to(tmp_path / "missing")
+    with atomic.atomic_directory(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert _is_real_folder(target) and [p.name for p in target.iterdir()] == ["new.txt"]
+    assert (elsewhere / "keep.txt").read_text() == "not ours to delete"  # a link is replaced, not followed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result", "scratch"]
+
+
+def _is_real_folder(path):
+    return path.is_dir() and not path.is_symlink()
+
+
+def test_a_file_replaces_a_symlink_without_following_it(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("untouched")
+    link = tmp_path / "result.json"
+    link.symlink_to(real)
+    atomic.write_text(link, "new")
+    assert not link.is_symlink() and link.read_text() == "new" and real.read_text() == "untouched"
+
+
+def test_failed_rename_after_aside_puts_the_old_result_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "result"
+    _old(target, "dir")
+    rename = atomic.os.rename
+
+    def failing(source, destination):
+        if Path(destination) == target and "partial" in Path(source).name:
+            raise OSError("disk quota exceeded")
+        return rename(source, destination)
+
+    monkeypatch.setattr(atomic.os, "rename", failing)
+    with pytest.raises(OSError, match="quota"):
+        with atomic.atomic_directory(target) as tmp:
+            (tmp / "part0").write_text("new")
+    assert _content(target, "dir") == _expected("dir", "old")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]

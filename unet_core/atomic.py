@@ -12,7 +12,8 @@ Snakemake reruns.
 
 Temporary names are ``.NAME.partial-HOST-PID`` (``.old-`` for a folder renamed aside): the
 host and process let a rerun tell its own dead runs apart from live runs on other nodes of a
-shared file system.
+shared file system. (Prediction keeps its resumable ``.NAME.partial`` under a fixed name and
+publishes it with :func:`publish`.)
 """
 
 from __future__ import annotations
@@ -109,25 +110,36 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def publish(tmp: str | Path, target: str | Path) -> None:
     """Put the complete ``tmp`` (a file or a folder) at ``target``, replacing what is there atomically.
 
-    The old ``target`` (if any) is removed afterwards. See the module notes for the guarantee.
+    Whatever ``target`` was (nothing, a file, a folder, a symbolic link, which is replaced and
+    not followed) is removed afterwards. See the module notes for the guarantee.
     """
     tmp, target = Path(tmp), Path(target)
-    if not os.path.lexists(target) or not (target.is_dir() and not target.is_symlink()):
+    if not os.path.lexists(target) or (not _is_folder(tmp) and not _is_folder(target)):
         _step("rename")
-        os.replace(tmp, target)  # a file, or a folder onto nothing: one atomic step
+        os.replace(tmp, target)  # onto nothing, or a file onto a file or link: one atomic step
         return
     _step("exchange")
     if _exchange(tmp, target):
         _step("cleanup")
-        _remove(tmp)  # now the old folder
+        _remove(tmp)  # now the old entry
         return
     old = temporary_path(target, "old")
+    if os.path.lexists(old):  # left by a killed run of a process with this host and id
+        _remove(old)
     os.rename(target, old)
     _step("aside")
-    os.rename(tmp, target)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)  # the old result back under its name
+        raise
     _step("cleanup")
     _remove(old)
 

@@ -32,7 +32,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import blocklog, io
-from .atomic import publish
+from .atomic import publish, remove_stale
 from .checkpoint import load_model
 from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, forward_memory
 from .model import UNet
@@ -271,11 +271,11 @@ def predict_image(
     image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
     loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
     table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
-    settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype,
-                "tta": tta,
+    settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype, "tta": tta,
                 "normalization": hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest()}
     fingerprint = _fingerprint(model_path, image, settings)
     partial = output_path.parent / f".{output_path.name}.partial"
+    remove_stale(output_path)  # a folder renamed aside by a killed publish (file systems that cannot exchange)
     resumed = partial.exists() and _read_fingerprint(partial) == fingerprint
     if not resumed:
         if partial.exists():
