@@ -151,7 +151,7 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> tifffile.imwrite(folder / "in.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
     ...                  metadata={"axes": "ZYX", "spacing": 2.0})
-    >>> image = open_image(ingest(folder / "in.tif", folder / "out.ome.zarr"))
+    >>> image = io.open_image(ingest(folder / "in.tif", folder / "out.ome.zarr"))
     >>> image.axes, image.shape, image.scale["z"]
     ('zyx', (3, 16, 16), 2.0)
     """

@@ -28,7 +28,10 @@ def _apply_preset(config):
 
 _apply_preset(config)
 validate(config, schema="../schemas/config.schema.yaml")
-if config["evaluate"].get("ground_truth", config["weight_map"]["labels"]) != config["weight_map"]["labels"]:
+if (
+    config["evaluate"].get("ground_truth", config["weight_map"]["labels"])
+    != config["weight_map"]["labels"]
+):
     raise ValueError(
         f"config: evaluate.ground_truth ({config['evaluate']['ground_truth']!r}) is replaced by "
         f"weight_map.labels ({config['weight_map']['labels']!r}), the kind of ground truth of every stack "
