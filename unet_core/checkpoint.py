@@ -75,9 +75,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
     """Load a checkpoint written by :mod:`unet_core.train` (``torch.load(weights_only=True)``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    checkpoint = read_checkpoint(path, device)
+    checkpoint = read_checkpoint(path, device)  # FileNotFoundError or CheckpointError, naming the file
     if "model" not in checkpoint or "architecture" not in checkpoint:
         raise ValueError(f"{path}: not a unet_core checkpoint (missing 'model'/'architecture')")
     model = UNet(**checkpoint["architecture"])
