@@ -131,9 +131,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     started = time.perf_counter()
     model, checkpoint = load_model(model_path, "cpu")
     layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
-    image = layout.image
-    full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
-    tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, full, device, batch_size=batch_size)
+    image, tile = layout.image, layout.tile
     startup = time.perf_counter() - started
 
     began = time.perf_counter()

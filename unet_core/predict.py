@@ -283,7 +283,7 @@ def predict_image(
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
                       "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
-                      **_tile_record(model, layout, tile_shape, device, batch_size),
+                      **_tile_record(layout, tile_shape, device),
                       **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
         partial.mkdir(parents=True)
         create_output(partial, model, layout, dtype, output_path.name, {"unet_core": provenance})
@@ -312,14 +312,12 @@ def predict_image(
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
 
 
-def _tile_record(model: UNet, layout: Layout, tile_shape, device: str, batch_size: int) -> dict:
+def _tile_record(layout: Layout, tile_shape, device: str) -> dict:
     """The output tile that the blocks use, for the provenance: the one given, or the device's
     default for a full block (a block cut short by the volume's edge picks its own)."""
-    if tile_shape is not None:
-        return {"tile": list(tile_shape), "tile_source": "given (predict.tile)"}
-    full = tuple(min(b, s) for b, s in zip(layout.block_shape, layout.spatial_shape))
-    return {"tile": list(default_tile_shape(model, full, device, batch_size=batch_size)),
-            "tile_source": f"default for {device} and a full block; blocks at the volume's edge pick theirs"}
+    source = ("given (predict.tile)" if tile_shape is not None else
+              f"default for {device} and a full block; blocks at the volume's edge pick theirs")
+    return {"tile": list(layout.tile), "tile_source": source}
 
 
 def probability_scale(dtype: str) -> float:
@@ -340,6 +338,7 @@ class Layout:
     loop_axes: tuple[str, ...]
     loop_shape: tuple[int, ...]
     block_grid: tuple[int, ...]
+    tile: tuple[int, ...]  # the output tile of a full block: given, or the device's default
 
     @property
     def blocks(self) -> int:
@@ -373,13 +372,15 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
         raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
                          f"(2**depth, the pooling grid), e.g. {(32 * grid,) * model.ndim}, or None for the default "
                          f"(two tile steps per axis)")
-    if tile_shape is None:  # fail here, not in a worker, when no tile fits the memory budget
-        default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
-                           batch_size=batch_size)
+    if tile_shape is None:  # fails here, not in a worker, when no tile fits the memory budget
+        tile = default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
+                                  batch_size=batch_size)
+    else:
+        tile = tuple(tile_shape)
     loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
     loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
     block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
-    return Layout(image, spatial, spatial_shape, block_shape, loop_axes, loop_shape, block_grid)
+    return Layout(image, spatial, spatial_shape, block_shape, loop_axes, loop_shape, block_grid, tile)
 
 
 def create_output(path: Path, model: UNet, layout: Layout, dtype: str, name: str, attributes: dict) -> None:
