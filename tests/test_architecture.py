@@ -9,10 +9,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "unet_core"
 MODULES = {path.stem: ast.parse(path.read_text(), filename=str(path)) for path in sorted(PACKAGE.glob("*.py"))}
 
-# What each module may import from the package (docs/architecture.md). Modules not listed are
-# the stages and entry points, whose imports are checked by FORBIDDEN below.
+# What each module may import from the package (docs/architecture.md), besides ``defaults`` (the
+# config schema's defaults, which any module may read). Modules not listed are the stages and
+# entry points, whose imports are checked by FORBIDDEN below.
+EVERYWHERE = {"defaults"}
 ALLOWED = {
-    "atomic": set(), "augment": set(), "blocklog": set(), "isbi": set(), "loss": set(), "model": set(),
+    "defaults": set(), "atomic": set(), "augment": set(), "blocklog": set(), "isbi": set(), "loss": set(), "model": set(),
     "tiling": set(), "weights": set(), "samples": set(), "snakemake_lock": set(), "cluster": set(), "demo": set(),
     "checkpoint": {"atomic", "model"},
     "cost": {"model", "tiling"},
@@ -40,9 +42,10 @@ LONG_MODULES = {
     "isbi": (693, "the official ISBI 2012 metrics (Rand, VOI, warping error) with their documentation"),
 }
 FUNCTION_LINES = 80
+# The three entry points of a stage below carry their parameter documentation (numpy style, 35 to
+# 48 lines); their code is under 55 lines each.
 LONG_FUNCTIONS = {
-    ("ingest", "ingest"): 123, ("report", "write_report"): 118, ("predict", "predict_image"): 103,
-    ("segment", "segment_image"): 87, ("cli", "_stage_parsers"): 86,
+    ("ingest", "ingest"): 95, ("report", "write_report"): 97, ("predict", "predict_image"): 92,
 }
 
 
@@ -104,6 +107,8 @@ def test_no_private_name_of_another_module(module):
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_follow_the_architecture(module):
     imported = {source for source, _ in _imports(MODULES[module])} - {module}
+    if module != "defaults":
+        imported -= EVERYWHERE
     if module in ALLOWED:
         assert imported <= ALLOWED[module], f"unet_core.{module} may import only {sorted(ALLOWED[module])}, " \
                                             f"imports {sorted(imported - ALLOWED[module])} too"

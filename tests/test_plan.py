@@ -27,13 +27,14 @@ def test_plan_of_a_terabyte_volume_reads_metadata_only_and_answers_in_seconds(tm
     volume.mkdir()
     io.create_image(volume, "zyx", (10_000, 10_000, 10_000), "uint8", (1.0, 1.0, 1.0), (64, 256, 256), volume.name)
     began = time.perf_counter()
-    assert main(["plan", "--input", str(volume), "--model", str(model), "--workers", "16", "--device", "cpu"]) == 0
+    assert main(["plan", "--input", str(volume), "--model", str(model), "--workers", "16", "--device", "cpu",
+                 "--planewise"]) == 0
     elapsed = time.perf_counter() - began
     out = capsys.readouterr().out
     assert elapsed < 60, out
     assert "1,000,000,000,000 voxels" in out and "16 worker(s)" in out
     assert not [p for p in (volume / "0").rglob("*") if p.is_file() and not p.name.startswith(".z")]  # no chunk
-    plan = plan_prediction(model, volume, workers=16, device="cpu", calibration_blocks=1)
+    plan = plan_prediction(model, volume, workers=16, device="cpu", calibration_blocks=1, planewise=True)
     blocks_per_axis = [-(-10_000 // b) for b in plan.block_shape]
     assert plan.blocks == 10_000 * blocks_per_axis[0] * blocks_per_axis[1]
     assert plan.input_bytes == 10**12 and plan.output_bytes == 2 * 2 * 10**12  # 2 classes, float16
@@ -45,7 +46,7 @@ def test_estimate_of_a_small_volume_is_within_30_percent_of_the_run(tmp_path):
     data = np.random.default_rng(0).integers(0, 255, (12, 1000, 1100)).astype(np.uint8)
     tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": "ZYX"}, photometric="minisblack")
     image = ingest.ingest(tmp_path / "in.tif", tmp_path / "in.ome.zarr", axes="zyx")
-    plan = plan_prediction(model, image, device="cpu")
+    plan = plan_prediction(model, image, device="cpu", planewise=True)
     began = time.perf_counter()
     summary = predict_image(model, image, tmp_path / "out.ome.zarr", planewise=True, device="cpu")
     measured = time.perf_counter() - began
@@ -61,6 +62,6 @@ def test_plan_refuses_what_predict_refuses(tmp_path):
     with pytest.raises(ValueError, match="2D model cannot predict the 3D volume"):
         plan_prediction(model, volume, planewise=False)
     with pytest.raises(ValueError, match="block_shape"):
-        plan_prediction(model, volume, block_shape=(30, 30))
+        plan_prediction(model, volume, block_shape=(30, 30), planewise=True)
     with pytest.raises(ValueError, match="workers"):
         plan_prediction(model, volume, workers=0)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_workflow, run_snakemake
 
+from unet_core.defaults import samples_schema
 from unet_core.samples import discover, discover_stacks, merge_stacks, read_sample_sheet, stack_name
 
 
@@ -86,7 +87,7 @@ def test_discovery_disambiguates_and_stays_inside(tmp_path):
     _touch(raw / "x_y.tif")
     outside = _touch(tmp_path / "secret.tif")
     (raw / "link.tif").symlink_to(outside)
-    stacks, skipped = discover(raw, "**/*.tif")
+    stacks, skipped = discover(raw, "**/*.tif", min_age_s=0)
     names = [s["stack"] for s in stacks]
     assert len(set(names)) == 2 and all(n.startswith("x_y-") for n in names)
     assert [(Path(s["path"]).name, "points outside" in s["reason"]) for s in skipped] == [("link.tif", True)]
@@ -99,7 +100,7 @@ def test_discovery_disambiguates_and_stays_inside(tmp_path):
 def test_merge_keeps_sheet_first_and_rejects_name_clash(tmp_path):
     raw = tmp_path / "raw"
     a = _touch(raw / "a.tif")
-    found = discover_stacks(raw)
+    found = discover_stacks(raw, min_age_s=0)
     sheet = [{"stack": "t", "path": str(a), "labels": "", "role": "train", "axes": "", "subset": ""}]
     assert list(merge_stacks(sheet, found)) == ["t"]  # same file: the sheet's row wins
     other = [{**sheet[0], "stack": "a", "path": str(tmp_path / "elsewhere.tif")}]
@@ -107,22 +108,17 @@ def test_merge_keeps_sheet_first_and_rejects_name_clash(tmp_path):
         merge_stacks(other, found)
 
 
-def _schema(repo):
-    import yaml
-
-    return yaml.safe_load((repo / "workflow" / "schemas" / "samples.schema.yaml").read_text())
-
-
 @pytest.mark.parametrize("row, problem", [
     ("a\traw/a.tif\t\ttrian", "column 'role': 'trian' is not one of ['train', 'val', 'predict']"),
     ("a b\traw/a.tif\t\ttrain", "column 'stack': 'a b' does not match"),
     ("a\t\t\tpredict", "column 'path': '' should be non-empty"),
+    ("a\traw/a.tif\tl.tif\ttrain\tbinry", "column 'labels_kind': 'binry' is not one of ['', 'instances', 'binary', 'dense']"),
 ])
-def test_bad_sheet_row_names_the_file_and_line(repo, tmp_path, row, problem):
+def test_bad_sheet_row_names_the_file_and_line(tmp_path, row, problem):
     sheet = tmp_path / "samples.tsv"
-    sheet.write_text("# comment lines count\nstack\tpath\tlabels\trole\nok\traw/ok.tif\t\ttrain\n" + row + "\n")
+    sheet.write_text("# comment lines count\nstack\tpath\tlabels\trole\tlabels_kind\nok\traw/ok.tif\t\ttrain\n" + row + "\n")
     with pytest.raises(ValueError) as error:
-        read_sample_sheet(sheet, _schema(repo))
+        read_sample_sheet(sheet, samples_schema())
     message = str(error.value)
     assert message.startswith(f"{sheet}, line 4: stack ")
     assert problem in message

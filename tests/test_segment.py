@@ -46,7 +46,7 @@ def test_2d_planes_blockwise_equal_whole_image(tmp_path, min_size):
 def test_3d_blockwise_equals_whole_volume(tmp_path):
     foreground = _blobs((20, 40, 36), 7).astype(np.float32)
     path = _probabilities(tmp_path, foreground, "czyx", (2, 8, 12, 12), 3)
-    got = np.asarray(io.open_image(segment_image(path, tmp_path / "s.ome.zarr", threshold=0.5)).array[:])
+    got = np.asarray(io.open_image(segment_image(path, tmp_path / "s.ome.zarr", threshold=0.5, min_size=0)).array[:])
     assert _same_partition(got, instances_from_probabilities(foreground, threshold=0.5))
 
 
@@ -81,7 +81,7 @@ def test_interior_watershed_splits_touching_and_is_blockwise_exact(tmp_path, ndi
         radius = 7
     foreground = _touching_discs(shape, centres, radius)
     path = _probabilities(tmp_path, foreground, axes, chunks, ndim)
-    got = np.asarray(io.open_image(segment_image(path, tmp_path / "s.ome.zarr", threshold=0.5,
+    got = np.asarray(io.open_image(segment_image(path, tmp_path / "s.ome.zarr", threshold=0.5, min_size=0,
                                                  method="interior_watershed", seed_threshold=0.8, sigma=0)).array[:])
     expected = interior_watershed(foreground, threshold=0.5, seed_threshold=0.8, sigma=0)
     # ids are consistent across chunk faces: the blockwise result is the whole-image one
@@ -121,5 +121,5 @@ def test_relative_min_size_follows_the_training_objects(tmp_path):
                                        min_relative_size=0.2))
     assert np.asarray(kept.array).max() == 1 and kept.attrs["unet_core"]["min_size"] == 20
     both = np.asarray(io.open_image(segment_image(path, tmp_path / "b.ome.zarr", method="interior_watershed",
-                                                  sigma=0)).array)
+                                                  sigma=0, min_size=0)).array)
     assert both.max() == 2

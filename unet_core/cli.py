@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 import yaml
 
+from .defaults import choices, default
 from .weights import LABEL_KINDS
 
 __all__ = ["main"]
@@ -18,6 +20,17 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """An option's help ends with its default (the config schema's), unless that is None or False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _load_config(path: str) -> dict:
@@ -52,7 +65,8 @@ def _weight_map(args) -> None:
 def _train(args) -> None:
     from .train import TrainSettings, train
     config = _load_config(args.config)
-    settings = TrainSettings.from_config(config.get("model", {}), config.get("train", {}), config.get("normalize"))
+    settings = TrainSettings.from_config(config.get("model", {}), config.get("train", {}), config.get("normalize"),
+                                         config.get("weight_map"))
     train(train_images=args.images, train_weights=args.weights, val_images=args.val_images or [],
           val_weights=args.val_weights or [], out_dir=args.out, settings=settings, device=args.device)
 
@@ -73,7 +87,7 @@ def _plan(args) -> None:
     from .plan import plan_prediction
     plan = plan_prediction(args.model, args.input, workers=args.workers, block_shape=args.block, tile_shape=args.tile,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                           planewise=not args.no_planewise)
+                           planewise=args.planewise)
     print(plan.text())
 
 
@@ -115,7 +129,8 @@ def _snakemake_lock(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unet-core", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     _stage_parsers(sub)
     _output_parsers(sub)
     p = sub.add_parser("snakemake-lock", help="is the folder's Snakemake lock held by a live run or stale? "
@@ -128,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _stage_parsers(sub) -> None:
     p = sub.add_parser("demo-data", help="write the synthetic demo stacks (TIFF) into OUTDIR")
     p.add_argument("outdir", help="folder for the TIFF stacks and their ground truth")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data (default 0)")
+    p.add_argument("--seed", type=int, default=default("demo", "seed"), help="random seed of the synthetic data")
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("ingest", help="TIFF stack -> OME-Zarr")
@@ -144,17 +159,20 @@ def _stage_parsers(sub) -> None:
     p = sub.add_parser("weight-map", help="targets + paper weight maps from an ingested stack's ground truth")
     p.add_argument("input", help="ingested OME-Zarr image with labels/ground_truth")
     p.add_argument("output", help="weight-map group to write, e.g. results/weights/STACK.zarr")
-    p.add_argument("--ndim", type=int, default=2, help="2 (planes) or 3 (volumes); the model's dimensionality")
-    p.add_argument("--w0", type=float, default=10.0, help="border weight w0 of the paper's eq. 2 (default 10)")
-    p.add_argument("--sigma", type=float, default=5.0, help="border width sigma of eq. 2 in pixels (default 5)")
-    p.add_argument("--labels", default="instances", choices=LABEL_KINDS,
+    p.add_argument("--ndim", type=int, default=default("model", "ndim"), choices=choices("model", "ndim"),
+                   help="2 (planes) or 3 (volumes); the model's dimensionality")
+    p.add_argument("--w0", type=float, default=default("weight_map", "w0"), help="border weight w0 of the paper's eq. 2")
+    p.add_argument("--sigma", type=float, default=default("weight_map", "sigma"),
+                   help="border width sigma of eq. 2 in pixels")
+    p.add_argument("--labels", default=default("weight_map", "labels"), choices=LABEL_KINDS,
                    help="instances (ids), binary (interior mask) or dense (ids with no background)")
     p.add_argument("--keep-touching", action="store_true",
                    help="instances: do not give touching instances a border (ablation)")
     p.set_defaults(func=_weight_map)
 
     p = sub.add_parser("train", help="train a U-Net")
-    p.add_argument("--config", required=True, help="YAML with 'model', 'train' and 'normalize' sections")
+    p.add_argument("--config", required=True,
+                   help="YAML with 'model', 'train', 'normalize' and 'weight_map' sections (missing keys: defaults)")
     p.add_argument("--out", required=True, help="output folder, e.g. results/models/<name>/")
     p.add_argument("--images", nargs="+", required=True, help="ingested OME-Zarr training images")
     p.add_argument("--weights", nargs="+", help="weight-map groups (default: computed from the ground truth)")
@@ -162,54 +180,62 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--val-weights", nargs="*", help="weight-map groups of the validation images")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.set_defaults(func=_train)
+    _predict_parsers(sub)
+    _segment_parser(sub)
 
-    p = sub.add_parser("predict", help="OME-Zarr -> class probabilities (OME-Zarr)")
+
+def _prediction_options(p) -> None:
+    """The options predict and plan share (the config's predict section)."""
     p.add_argument("--model", required=True, help="model.pt written by train")
+    p.add_argument("--tile", type=_ints, help="output tile shape (default: the fastest that fits the device)")
+    p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=default("predict", "tta"),
+                   help="average over flips/rotations (8x or 16x the work)")
+    p.add_argument("--planewise", action=argparse.BooleanOptionalAction, default=default("predict", "planewise"),
+                   help="allow a 2D model on a z stack, slice by slice")
+    p.add_argument("--batch-size", type=int, default=default("predict", "batch_size"), help="tiles per forward pass")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--dtype", default=default("predict", "dtype"), choices=choices("predict", "dtype"),
+                   help="stored probability type")
+
+
+def _predict_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="OME-Zarr -> class probabilities (OME-Zarr)")
     p.add_argument("--input", required=True, help="ingested OME-Zarr image")
     p.add_argument("--output", required=True, help="probabilities OME-Zarr to write")
-    p.add_argument("--tile", type=_ints, help="output tile shape")
-    p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
-    p.add_argument("--tta", action="store_true", help="average over flips/rotations")
-    p.add_argument("--planewise", action="store_true", help="allow a 2D model on a z stack, slice by slice")
-    p.add_argument("--scheduler", default="threads",
-                   choices=["synchronous", "threads", "processes", "distributed", "slurm"],
-                   help="slurm: start Dask workers as SLURM jobs for this run (dask-jobqueue), see --slurm")
+    _prediction_options(p)
+    p.add_argument("--scheduler", default=default("predict", "scheduler"), choices=choices("predict", "scheduler"),
+                   help="distributed: the Dask scheduler at DASK_SCHEDULER_ADDRESS; slurm: start Dask workers as "
+                        "SLURM jobs for this run (dask-jobqueue), see --slurm")
     p.add_argument("--slurm", metavar="YAML", help="worker jobs of --scheduler slurm: a mapping of "
                    "unet_core.cluster.SlurmSettings fields (partition, gpus, cores, memory, minimum_workers, ...)")
-    p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass (default 1)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"],
-                   help="stored probability type (default float16)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("plan", help="blocks, bytes and expected wall time of a prediction (calibrated here)")
     p.add_argument("--input", required=True, help="OME-Zarr image (only its metadata and a few blocks are read)")
-    p.add_argument("--model", required=True, help="model.pt written by train")
     p.add_argument("--workers", type=int, default=1, help="workers (GPUs) the run will have")
-    p.add_argument("--tile", type=_ints, help="output tile shape")
-    p.add_argument("--block", type=_ints, help="block (= output chunk) shape, multiples of 2**depth")
-    p.add_argument("--tta", action="store_true", help="plan for test-time augmentation (8x or 16x the work)")
-    p.add_argument("--no-planewise", action="store_true", help="refuse a 2D model on a z stack")
-    p.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass (default 1)")
-    p.add_argument("--device", help="device to calibrate on (default: CUDA when available)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"],
-                   help="stored probability type (default float16)")
+    _prediction_options(p)
     p.set_defaults(func=_plan)
 
+
+def _segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="probabilities -> instance labels")
     p.add_argument("input", help="probabilities OME-Zarr written by predict")
     p.add_argument("output", help="labels OME-Zarr to write")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground threshold (components, interior_watershed)")
-    p.add_argument("--min-size", type=int, default=0, help="smallest kept object (px)")
-    p.add_argument("--method", default="components", choices=["components", "interior_watershed", "watershed"],
+    p.add_argument("--method", default=default("segment", "method"), choices=choices("segment", "method"),
                    help="components (blockwise), interior_watershed (touching nuclei, blockwise) or watershed "
                         "(dense tissue)")
-    p.add_argument("--seed-threshold", type=float, default=0.8,
+    p.add_argument("--threshold", type=float, default=default("segment", "threshold"),
+                   help="foreground threshold (components, interior_watershed)")
+    p.add_argument("--seed-threshold", type=float, default=default("segment", "seed_threshold"),
                    help="interior_watershed: probability above which a region seeds an object")
-    p.add_argument("--min-relative-size", type=float, default=0.0,
+    p.add_argument("--min-size", type=int, default=default("segment", "min_size"), help="smallest kept object (px)")
+    p.add_argument("--min-relative-size", type=float, default=default("segment", "min_relative_size"),
                    help="drop objects smaller than this fraction of the median training object (0 = off)")
-    p.add_argument("--sigma", type=float, default=1.0, help="watershed: smoothing of the boundary map (px)")
-    p.add_argument("--h", type=float, default=0.1, help="watershed: depth of the minima that seed cells")
+    p.add_argument("--sigma", type=float, default=default("segment", "sigma"),
+                   help="watershed, interior_watershed: smoothing of the map (px)")
+    p.add_argument("--h", type=float, default=default("segment", "h"),
+                   help="watershed, interior_watershed: depth of the extrema that seed objects")
     p.set_defaults(func=_segment)
 
 
@@ -221,7 +247,7 @@ def _output_parsers(sub) -> None:
     p.add_argument("--output", required=True, help="metrics JSON to write")
     p.add_argument("--stack", help="stack name in the report (default: the image's file name)")
     p.add_argument("--role", default="predict", help="train, val or predict (default predict)")
-    p.add_argument("--ground-truth", default="instances", choices=LABEL_KINDS,
+    p.add_argument("--ground-truth", default=default("weight_map", "labels"), choices=LABEL_KINDS,
                    help="instances, binary (ISBI 2012) or dense (tissue)")
     p.set_defaults(func=_evaluate)
 

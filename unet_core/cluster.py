@@ -23,12 +23,15 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .defaults import section
 
 __all__ = ["SlurmSettings", "slurm_client", "Terminated", "ClusterError"]
 
 _LOG = logging.getLogger(__name__)
+_DEFAULTS = section("predict", "slurm")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -54,19 +57,20 @@ class SlurmSettings:
     ``job_name``: the worker jobs' SLURM name; default ``unet-predict-<8 hex>``, new per run.
     """
 
-    minimum_workers: int = 1
-    maximum_workers: int = 4
-    cores: int = 8
-    memory: str = "32GB"
-    gpus: int = 1
-    partition: str | None = "gpu"
-    account: str | None = None
-    walltime: str = "04:00:00"
-    job_directives: tuple[str, ...] = field(default_factory=tuple)
-    log_directory: str | None = "logs/dask-workers"
+    minimum_workers: int = _DEFAULTS["minimum_workers"]
+    maximum_workers: int = _DEFAULTS["maximum_workers"]
+    cores: int = _DEFAULTS["cores"]
+    memory: str = _DEFAULTS["memory"]
+    gpus: int = _DEFAULTS["gpus"]
+    partition: str | None = _DEFAULTS["partition"]
+    account: str | None = _DEFAULTS["account"]
+    walltime: str = _DEFAULTS["walltime"]
+    job_directives: tuple[str, ...] = tuple(_DEFAULTS["job_directives"])
+    log_directory: str | None = _DEFAULTS["log_directory"]
+    # not config settings: the worker's scratch folder and how long it outlives its scheduler
     local_directory: str | None = None
     death_timeout: int = 60
-    start_timeout: float = 3600.0
+    start_timeout: float = float(_DEFAULTS["start_timeout"])
     job_name: str | None = None
 
     @classmethod

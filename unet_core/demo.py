@@ -14,6 +14,8 @@ import tifffile
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
+from .defaults import default
+
 __all__ = ["synthetic_cells", "synthetic_nuclei", "write_demo_data", "DEMO_STACKS"]
 
 # name: (kind, shape, has ground truth)
@@ -185,7 +187,7 @@ def synthetic_nuclei(shape: tuple[int, int, int], *, seed: int, brightness_range
     return np.stack(images), np.stack(labels), brightness
 
 
-def write_demo_data(outdir: str | Path, *, seed: int = 0) -> list[Path]:
+def write_demo_data(outdir: str | Path, *, seed: int = default("demo", "seed")) -> list[Path]:
     """Write the demo stacks (and their ground truth) as TIFFs into ``outdir``."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import io
 from .atomic import write_text
+from .defaults import default, section
 from .isbi import isbi_scores
 from .metrics import (average_precision, boundary_average_precision, foreground_scores, instance_agreement,
                       merges_and_splits, seg_score)
@@ -26,7 +27,7 @@ __all__ = ["evaluate_stack", "DEFAULT_BASELINE"]
 
 # The classical baseline of dense ground truth: seeded watershed of the boundary stain smoothed
 # by a Gaussian of sigma voxels, seeds at its h-minima (h in the stain's grey levels).
-DEFAULT_BASELINE = {"sigma": 2.0, "h": 1.0}
+DEFAULT_BASELINE = section("evaluate", "baseline")
 
 
 def _dense_scores(image, probs, segmentation, truth, scale: float, baseline: dict) -> dict:
@@ -55,7 +56,8 @@ def _dense_scores(image, probs, segmentation, truth, scale: float, baseline: dic
 
 
 def evaluate_stack(*, image_path: str | Path, probabilities_path: str | Path, segmentation_path: str | Path,
-                   output_path: str | Path, stack: str, role: str, ground_truth: str = "instances",
+                   output_path: str | Path, stack: str, role: str,
+                   ground_truth: str = default("weight_map", "labels"),
                    baseline: dict | None = None) -> dict:
     """Write ``output_path`` (JSON): QC statistics, and metrics when ground truth exists.
 

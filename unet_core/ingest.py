@@ -1,6 +1,16 @@
 """Ingest: a raw stack (and its ground truth) into an OME-Zarr image with a viewing pyramid and
 its provenance. See ``docs/ingest.md`` for the layout, the provenance fields and the measured
 throughput and memory.
+
+Examples
+--------
+>>> import numpy as np, tifffile, tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> tifffile.imwrite(folder / "in.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
+...                  metadata={"axes": "ZYX", "spacing": 2.0})
+>>> image = io.open_image(ingest(folder / "in.tif", folder / "out.ome.zarr"))
+>>> image.axes, image.shape, image.scale["z"]
+('zyx', (3, 16, 16), 2.0)
 """
 
 from __future__ import annotations
@@ -85,6 +95,22 @@ class _Subset:
         return getattr(self.source, name)
 
 
+def _fit_labels(label_source, labels_path: Path, subset: Mapping[str, slice], out_axes: str,
+                out_shape: Sequence[int], input_path: Path):
+    """The labels seen in the image's NGFF axis order (whatever their own metadata says), through
+    the image's subset; a shape that differs from the image's (without channels) is an error."""
+    expected = tuple(n for a, n in zip(out_axes, out_shape) if a != "c")
+    if subset and len(label_source.shape) == len(expected):
+        label_source.axes = out_axes.replace("c", "")
+        label_source = _Subset(label_source, {a: r for a, r in subset.items() if a != "c"}, labels_path)
+    if tuple(label_source.shape) != expected:
+        raise tiff.TiffError(f"{labels_path}: labels shape {tuple(label_source.shape)} differs from the image "
+                             f"{input_path} (expected {expected}, the image {out_axes!r} {out_shape} "
+                             f"without channels)")
+    label_source.axes = out_axes.replace("c", "")
+    return label_source
+
+
 def parse_subset(text: str | None) -> dict[str, slice]:
     """``"z=0:20,t=5:"`` -> ``{"z": slice(0, 20), "t": slice(5, None)}`` (NGFF letters)."""
     subset: dict[str, slice] = {}
@@ -145,15 +171,6 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
         different shapes, unsupported pixel type, unreadable, labels of another shape); the
         message names the file and the problem, and no output is left behind.
 
-    Examples
-    --------
-    >>> import numpy as np, tifffile, tempfile, pathlib
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> tifffile.imwrite(folder / "in.tif", np.zeros((3, 16, 16), np.uint8), imagej=True,
-    ...                  metadata={"axes": "ZYX", "spacing": 2.0})
-    >>> image = io.open_image(ingest(folder / "in.tif", folder / "out.ome.zarr"))
-    >>> image.axes, image.shape, image.scale["z"]
-    ('zyx', (3, 16, 16), 2.0)
     """
     input_path, output_path = Path(input_path), Path(output_path)
     subset = parse_subset(subset) if isinstance(subset, str) else dict(subset or {})
@@ -169,17 +186,7 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
             labels_path = Path(labels_path)
             label_source = stack.enter_context(tiff.open_source(
                 labels_path, None, check_dtype=tiff.label_dtype_problem, max_page_bytes=block_bytes))
-            expected = tuple(n for a, n in zip(out_axes, out_shape) if a != "c")
-            if subset and len(label_source.shape) == len(expected):
-                # labels are taken in the image's NGFF order, whatever their own metadata says
-                label_source.axes = out_axes.replace("c", "")
-                label_source = _Subset(label_source, {a: r for a, r in subset.items() if a != "c"}, labels_path)
-            if tuple(label_source.shape) != expected:
-                raise tiff.TiffError(f"{labels_path}: labels shape {tuple(label_source.shape)} differs from the image "
-                                     f"{input_path} (expected {expected}, the image {out_axes!r} {out_shape} "
-                                     f"without channels)")
-            # labels are taken in the image's NGFF order, whatever their own metadata says
-            label_source.axes = out_axes.replace("c", "")
+            label_source = _fit_labels(label_source, labels_path, subset, out_axes, out_shape, input_path)
         request = {"layout": _INGEST_LAYOUT, "axes": out_axes, "shape": list(out_shape),
                    "chunks": list(chunk_shape), "pyramid": bool(pyramid),
                    "subset": {a: [r.start, r.stop] for a, r in subset.items()}}
@@ -198,28 +205,37 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
             units = {a: u for a, u in source.units.items() if a in out_axes}
             factors = pyramid_factors(out_axes, out_shape, scale) if pyramid else []
             levels = plan_levels(out_axes, out_shape, chunk_shape, source.dtype.itemsize, factors, block_bytes)
-            started, directory = datetime.datetime.now(datetime.timezone.utc), isinstance(source, tiff.DirectorySource)
+            started = datetime.datetime.now(datetime.timezone.utc)
             with atomic_directory(output_path) as tmp:
                 group = zarr.open_group(tmp, mode="w", zarr_format=2)
                 write_image(group, source, out_axes, levels, scale, units, output_path.name, method="mean",
                                     attributes={}, write_empty_chunks=True)
-                provenance = {
-                    "source": str(input_path), "kind": "directory" if directory else "tiff",
-                    "size_bytes": source.size, "sha256": digest.result(), "tiff": source.summary,
-                    "ingest": {"request": request, "axes_override": axes, "levels": len(levels),
-                               "block_bytes": block_bytes, "started": started.isoformat(timespec="seconds"),
-                               "tifffile": tifffile.__version__, "zarr": zarr.__version__},
-                }
-                if directory:
-                    provenance["sha256_of"] = "sha256sum-style manifest of the files in stacking order"
-                if source.warnings:
-                    provenance["warnings"] = source.warnings[:20]
+                provenance = _provenance(input_path, source, digest.result(), request, axes, len(levels),
+                                         block_bytes, started)
                 if label_source is not None:
                     _write_labels(group, label_source, labels_path, out_axes, levels, scale, units, block_bytes)
                     provenance["labels"] = {"source": str(labels_path), "size_bytes": label_source.size,
                                             "sha256": label_digest.result(), "tiff": label_source.summary}
                 group.attrs["unet_core"] = {"provenance": provenance}
     return output_path
+
+
+def _provenance(input_path: Path, source, sha256: str, request: dict, axes: str | None, levels: int,
+                block_bytes: int, started: datetime.datetime) -> dict:
+    """What the image records of its source and of the ingest that wrote it."""
+    directory = isinstance(source, tiff.DirectorySource)
+    provenance = {
+        "source": str(input_path), "kind": "directory" if directory else "tiff",
+        "size_bytes": source.size, "sha256": sha256, "tiff": source.summary,
+        "ingest": {"request": request, "axes_override": axes, "levels": levels,
+                   "block_bytes": block_bytes, "started": started.isoformat(timespec="seconds"),
+                   "tifffile": tifffile.__version__, "zarr": zarr.__version__},
+    }
+    if directory:
+        provenance["sha256_of"] = "sha256sum-style manifest of the files in stacking order"
+    if source.warnings:
+        provenance["warnings"] = source.warnings[:20]
+    return provenance
 
 
 def _write_labels(group: zarr.Group, source, path: Path, image_axes: str, image_levels: list[Level],

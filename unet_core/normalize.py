@@ -33,12 +33,13 @@ import dask.array as da
 import numpy as np
 
 from . import io
+from .defaults import choices, default
 
-__all__ = ["Normalization", "NormalizationTable", "normalization_table", "intensity_statistics",
+__all__ = ["Normalization", "NormalizationTable", "normalization_table", "image_statistics", "intensity_statistics",
            "NORMALIZATION_METHODS", "NORMALIZATION_SCOPES", "STATISTICS_MAX_CHUNKS"]
 
-NORMALIZATION_METHODS = ("zscore", "percentile")
-NORMALIZATION_SCOPES = ("stack", "image")
+NORMALIZATION_METHODS = choices("normalize", "method")
+NORMALIZATION_SCOPES = choices("normalize", "scope")
 
 # An image (or stack) of at most this many voxels per channel is read whole for its statistics;
 # a larger one is sampled: _SAMPLE_CHUNKS chunks at evenly spaced positions of its chunk grid,
@@ -59,10 +60,10 @@ class Normalization:
     'percentile 1.0-99.8 per image'
     """
 
-    method: str = "zscore"
-    scope: str = "stack"
-    low: float = 1.0
-    high: float = 99.8
+    method: str = default("normalize", "method")
+    scope: str = default("normalize", "scope")
+    low: float = default("normalize", "low")
+    high: float = default("normalize", "high")
 
     def __post_init__(self) -> None:
         if self.method not in NORMALIZATION_METHODS:
@@ -87,7 +88,7 @@ class Normalization:
     def from_checkpoint(cls, value) -> Normalization:
         """What a checkpoint's ``normalization`` entry says (older checkpoints: z-score per stack)."""
         if value is None or value == _LEGACY:
-            return cls()
+            return cls(method="zscore", scope="stack")  # what they did, whatever today's default
         if isinstance(value, Mapping):
             return cls.from_config(value)
         raise ValueError(f"unknown normalization {value!r} in the checkpoint")
@@ -148,16 +149,24 @@ def normalization_table(image: io.Image, normalization: Normalization, loop_axes
     positions = [dict(zip(loop_axes, p)) for p in np.ndindex(*loop_shape)] if normalization.scope == "image" else [{}]
     offsets, divisors = [], []
     for where in positions:
-        values = _values(image, where)
-        if normalization.method == "zscore":
-            offset, divisor = values.mean(axis=1), values.std(axis=1)
-        else:
-            low, high = np.percentile(values, [normalization.low, normalization.high], axis=1)
-            offset, divisor = low, high - low
-        divisor = np.where(divisor > 0, divisor, 1.0)
-        offsets.append(tuple(float(v) for v in offset))
-        divisors.append(tuple(float(v) for v in divisor))
+        offset, divisor = image_statistics(_values(image, where), normalization)
+        offsets.append(offset)
+        divisors.append(divisor)
     return NormalizationTable(normalization, loop_axes, loop_shape, tuple(offsets), tuple(divisors))
+
+
+def image_statistics(values: np.ndarray, normalization: Normalization) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Offset and divisor per channel of the voxels ``values`` ``(C, N)`` of one image: mean and
+    (population) standard deviation, or the low and high percentiles' value and difference
+    (``numpy.percentile``, linear). A constant channel gets divisor 1."""
+    values = np.asarray(values, np.float64)
+    if normalization.method == "zscore":
+        offset, divisor = values.mean(axis=1), values.std(axis=1)
+    else:
+        low, high = np.percentile(values, [normalization.low, normalization.high], axis=1)
+        offset, divisor = low, high - low
+    divisor = np.where(divisor > 0, divisor, 1.0)
+    return tuple(float(v) for v in offset), tuple(float(v) for v in divisor)
 
 
 def _values(image: io.Image, where: Mapping[str, int]) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 
 from .checkpoint import load_model
 from .cost import architecture, default_tile_shape, walk
+from .defaults import default
 from .normalize import Normalization, normalization_table
 from .predict import Job, block_layout, create_output, probability_scale, run_blocks
 from .tiling import axis_origins
@@ -116,8 +117,9 @@ def _relative_work(model, layout, tile_shape, device: str, batch_size: int) -> f
 
 
 def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: int = 1,
-                    block_shape=None, tile_shape=None, batch_size: int = 1, device: str | None = None,
-                    dtype: str = "float16", tta: bool = False, planewise: bool = True,
+                    block_shape=None, tile_shape=None, batch_size: int = default("predict", "batch_size"),
+                    device: str | None = None, dtype: str = default("predict", "dtype"),
+                    tta: bool = default("predict", "tta"), planewise: bool = default("predict", "planewise"),
                     calibration_blocks: int = _CALIBRATION_BLOCKS) -> Plan:
     """Blocks, bytes and expected wall time of ``predict_image`` with these settings.
 

@@ -36,6 +36,7 @@ from .atomic import publish, remove_stale
 from .checkpoint import load_model
 from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, forward_memory
 from .model import UNet
+from .defaults import choices, default
 from .normalize import Normalization, NormalizationTable, normalization_table
 from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
 from .tiling import read_reflected
@@ -54,7 +55,6 @@ _WRITE_BEHIND = 2
 # more, whatever the volume), and the most blocks per task.
 _TASKS_PER_WORKER = 2
 _MAX_TASK_BLOCKS = 64
-_SCHEDULERS = ("synchronous", "threads", "processes", "distributed", "slurm")
 
 _LOG = logging.getLogger(__name__)
 
@@ -214,12 +214,12 @@ def predict_image(
     *,
     block_shape: Sequence[int] | None = None,
     tile_shape: Sequence[int] | None = None,
-    batch_size: int = 1,
+    batch_size: int = default("predict", "batch_size"),
     device: str | None = None,
-    dtype: str = "float16",
-    tta: bool = False,
-    planewise: bool = False,
-    scheduler: str = "threads",
+    dtype: str = default("predict", "dtype"),
+    tta: bool = default("predict", "tta"),
+    planewise: bool = default("predict", "planewise"),
+    scheduler: str = default("predict", "scheduler"),
     partitions: int | None = None,
     slurm: dict | None = None,
 ) -> dict:
@@ -261,8 +261,8 @@ def predict_image(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(model_path, "cpu")
     scale = probability_scale(dtype)
-    if scheduler not in _SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(_SCHEDULERS)}, got {scheduler!r}")
+    if scheduler not in choices("predict", "scheduler"):
+        raise ValueError(f"scheduler must be one of {', '.join(choices('predict', 'scheduler'))}, got {scheduler!r}")
     if scheduler == "slurm":
         from .cluster import SlurmSettings
 
@@ -278,17 +278,12 @@ def predict_image(
     remove_stale(output_path)  # a folder renamed aside by a killed publish (file systems that cannot exchange)
     resumed = partial.exists() and _read_fingerprint(partial) == fingerprint
     if not resumed:
-        if partial.exists():
-            shutil.rmtree(partial)
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
                       "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
                       **_tile_record(layout, tile_shape, device),
                       **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
-        partial.mkdir(parents=True)
-        create_output(partial, model, layout, dtype, output_path.name, {"unet_core": provenance})
-        (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
-        _log_dir(partial).mkdir()
+        _start_partial(partial, fingerprint, model, layout, dtype, output_path.name, provenance)
     total = layout.blocks
     todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
@@ -302,6 +297,25 @@ def predict_image(
             _schedule_distributed(client, job, todo, partitions, desc, slurm_settings.maximum_workers)
     else:
         _schedule(job, todo, scheduler, partitions, desc)
+    _publish(partial, output_path, total)
+    return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+def _start_partial(partial: Path, fingerprint: dict, model, layout: Layout, dtype: str, name: str,
+                   provenance: dict) -> None:
+    """A new partial output (an unfinished one of other settings is removed): the empty arrays
+    with their provenance, the settings' fingerprint and an empty block log."""
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    create_output(partial, model, layout, dtype, name, {"unet_core": provenance})
+    (partial / ".fingerprint.json").write_text(json.dumps(fingerprint))
+    _log_dir(partial).mkdir()
+
+
+def _publish(partial: Path, output_path: Path, total: int) -> None:
+    """Publish the partial output once every block is logged as finished (else raise: a rerun
+    computes the missing blocks only)."""
     missing = total - len(blocklog.finished_blocks(_log_dir(partial)))
     if missing:
         raise RuntimeError(f"{output_path}: {missing} of {total} blocks did not finish; rerun to complete them")
@@ -309,7 +323,6 @@ def predict_image(
     (partial / ".fingerprint.json").unlink()
     # One atomic step (unet_core.atomic): killed anywhere, the output is the old one or the new one.
     publish(partial, output_path)
-    return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
 
 
 def _tile_record(layout: Layout, tile_shape, device: str) -> dict:
@@ -322,8 +335,8 @@ def _tile_record(layout: Layout, tile_shape, device: str) -> dict:
 
 def probability_scale(dtype: str) -> float:
     """What probabilities are multiplied by when stored as ``dtype`` (255 for uint8); checks ``dtype``."""
-    if dtype not in ("float16", "float32", "uint8"):
-        raise ValueError(f"dtype must be 'float16', 'float32' or 'uint8', got {dtype!r}")
+    if dtype not in choices("predict", "dtype"):
+        raise ValueError(f"dtype must be one of {', '.join(choices('predict', 'dtype'))}, got {dtype!r}")
     return 255.0 if dtype == "uint8" else 1.0
 
 

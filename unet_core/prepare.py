@@ -16,14 +16,16 @@ from tqdm.auto import tqdm
 
 from . import io
 from .atomic import atomic_directory
+from .defaults import default
 from .weights import LABEL_KINDS, cells_of, weight_map
 
 __all__ = ["prepare_targets"]
 
 
-def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: int = 2,
-                    w0: float = 10.0, sigma: float = 5.0, labels: str = "instances",
-                    separate_touching: bool = True) -> Path:
+def prepare_targets(image_path: str | Path, output_path: str | Path, *, ndim: int = default("model", "ndim"),
+                    w0: float = default("weight_map", "w0"), sigma: float = default("weight_map", "sigma"),
+                    labels: str = default("weight_map", "labels"),
+                    separate_touching: bool = default("weight_map", "separate_touching")) -> Path:
     """Compute target classes and weight maps of an ingested stack into ``output_path``.
 
     ``labels`` says what the ground truth holds (:data:`unet_core.weights.LABEL_KINDS`):

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from .defaults import default
+
 __all__ = ["read_sample_sheet", "check_row", "discover", "discover_stacks", "Discovery", "merge_stacks", "stack_name"]
 
 COLUMNS = ("stack", "path", "labels", "role", "axes", "subset", "labels_kind")
@@ -55,7 +57,7 @@ def check_row(row: dict[str, str], schema: dict, where: str) -> None:
 def read_sample_sheet(path: str | Path, schema: dict | None = None) -> list[dict[str, str]]:
     """Rows of a tab-separated sample sheet (``#`` lines are comments), in file order.
 
-    With ``schema`` (``workflow/schemas/samples.schema.yaml``), each row is checked against
+    With ``schema`` (:func:`unet_core.defaults.samples_schema`), each row is checked against
     it and a bad row is named by the sheet's file name and line number.
 
     Raises
@@ -147,8 +149,9 @@ def _skip_reason(path: Path, root: Path, real_root: Path, now: float, min_age_s:
     return None
 
 
-def discover(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
-             min_age_s: float = 0.0, now: float | None = None) -> Discovery:
+def discover(folder: str | Path, pattern: str = default("discover", "pattern"), *,
+             labels_suffix: str = default("discover", "labels_suffix"),
+             min_age_s: float = 60 * default("discover", "min_age_minutes"), now: float | None = None) -> Discovery:
     """``predict`` stacks for the files matching ``pattern`` in ``folder`` (new files = new stacks).
 
     A file ``X<labels_suffix>.tif`` beside ``X.tif`` is X's ground truth (evaluated, not a
@@ -201,8 +204,10 @@ def discover(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str =
     return Discovery(_disambiguate(stacks, root), skipped)
 
 
-def discover_stacks(folder: str | Path, pattern: str = "*.tif", *, labels_suffix: str = "_labels",
-                    min_age_s: float = 0.0, now: float | None = None) -> list[dict[str, str]]:
+def discover_stacks(folder: str | Path, pattern: str = default("discover", "pattern"), *,
+                    labels_suffix: str = default("discover", "labels_suffix"),
+                    min_age_s: float = 60 * default("discover", "min_age_minutes"),
+                    now: float | None = None) -> list[dict[str, str]]:
     """The stacks of :func:`discover` (without the skipped files)."""
     return discover(folder, pattern, labels_suffix=labels_suffix, min_age_s=min_age_s, now=now).stacks
 

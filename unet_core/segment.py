@@ -33,12 +33,13 @@ from skimage.segmentation import expand_labels, relabel_sequential, watershed
 from tqdm.auto import tqdm
 
 from . import io
+from .defaults import choices, default
 from .weights import neighbour_ids
 
 __all__ = ["instances_from_probabilities", "seeded_watershed", "interior_seeds", "interior_watershed", "close_contacts",
            "segment_image", "SEGMENT_METHODS"]
 
-SEGMENT_METHODS = ("components", "interior_watershed", "watershed")
+SEGMENT_METHODS = choices("segment", "method")
 
 # interior_watershed: each chunk is seeded and flooded with this much context (px) from its
 # neighbours. A seed's h-maximum and a voxel's flood depend on the object around them, a few px
@@ -57,7 +58,8 @@ _WATERSHED_MAX_VOXELS = 1 << 30
 _LOG = logging.getLogger(__name__)
 
 
-def instances_from_probabilities(foreground: np.ndarray, *, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+def instances_from_probabilities(foreground: np.ndarray, *, threshold: float = default("segment", "threshold"),
+                                 min_size: int = 0) -> np.ndarray:
     """Label the connected components (4-/6-connected) of ``foreground > threshold``.
 
     Thin predicted borders between touching cells separate them; components smaller than
@@ -74,7 +76,8 @@ def instances_from_probabilities(foreground: np.ndarray, *, threshold: float = 0
     return labels.astype(np.uint32)
 
 
-def seeded_watershed(boundary: np.ndarray, *, sigma: float = 1.0, h: float = 0.1, min_size: int = 0) -> np.ndarray:
+def seeded_watershed(boundary: np.ndarray, *, sigma: float = default("segment", "sigma"),
+                     h: float = default("segment", "h"), min_size: int = 0) -> np.ndarray:
     """Cells of a boundary map (high on cell boundaries, any scale): a seeded watershed.
 
     The map is smoothed by a Gaussian of ``sigma`` pixels; every regional minimum deeper than
@@ -127,8 +130,9 @@ def close_contacts(labels: np.ndarray, *, gap: int = _CONTACT_GAP) -> np.ndarray
     return np.where(between, grown, labels)
 
 
-def interior_seeds(foreground: np.ndarray, *, sigma: float = 1.0, h: float = 0.1,
-                   seed_threshold: float = 0.8) -> np.ndarray:
+def interior_seeds(foreground: np.ndarray, *, sigma: float = default("segment", "sigma"),
+                   h: float = default("segment", "h"),
+                   seed_threshold: float = default("segment", "seed_threshold")) -> np.ndarray:
     """Where objects are seeded: the top ``h`` of each maximum of the smoothed interior probability
     that rises by more than ``h`` above its surroundings and reaches ``seed_threshold``.
 
@@ -156,8 +160,10 @@ def interior_seeds(foreground: np.ndarray, *, sigma: float = 1.0, h: float = 0.1
     return keep[labels]
 
 
-def interior_watershed(foreground: np.ndarray, seeds: np.ndarray | None = None, *, threshold: float = 0.5,
-                       seed_threshold: float = 0.8, sigma: float = 1.0, h: float = 0.1) -> np.ndarray:
+def interior_watershed(foreground: np.ndarray, seeds: np.ndarray | None = None, *,
+                       threshold: float = default("segment", "threshold"),
+                       seed_threshold: float = default("segment", "seed_threshold"),
+                       sigma: float = default("segment", "sigma"), h: float = default("segment", "h")) -> np.ndarray:
     """Objects of an interior probability map, touching ones split: a watershed from one seed each.
 
     ``seeds`` are labelled seeds (:func:`interior_seeds`, 4-/6-connected components; computed here
@@ -195,10 +201,35 @@ def _relabel_blockwise(array, selection, keep: np.ndarray) -> None:
     da.store(mapped, array, regions=selection, lock=False)
 
 
-def segment_image(probabilities_path: str | Path, output_path: str | Path, *, threshold: float = 0.5,
-                  min_size: int = 0, method: str = "components", sigma: float = 1.0, h: float = 0.1,
-                  seed_threshold: float = 0.8, min_relative_size: float = 0.0) -> Path:
+def _check_settings(method: str, threshold: float, seed_threshold: float, min_relative_size: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    if method not in SEGMENT_METHODS:
+        raise ValueError(f"segment method must be one of {SEGMENT_METHODS}, got {method!r}")
+    if method == "interior_watershed" and not threshold <= seed_threshold <= 1.0:
+        raise ValueError(f"seed_threshold must be in [threshold, 1] = [{threshold}, 1], got {seed_threshold!r}")
+    if not min_relative_size >= 0:
+        raise ValueError(f"min_relative_size must be >= 0, got {min_relative_size!r}")
+
+
+def _recorded_settings(method: str, *, threshold: float, seed_threshold: float, sigma: float, h: float) -> dict:
+    """What the label image records of its method: the method in words and the settings it used."""
+    if method == "watershed":
+        return {"method": "seeded watershed of 1 - interior probability (h-minima seeds)", "sigma": sigma, "h": h}
+    if method == "interior_watershed":
+        return {"method": "watershed of the interior probability from its h-maxima (blockwise)",
+                "threshold": threshold, "seed_threshold": seed_threshold, "sigma": sigma, "h": h}
+    return {"method": "threshold + connected components (blockwise, merged across chunks)", "threshold": threshold}
+
+
+def segment_image(probabilities_path: str | Path, output_path: str | Path, *,
+                  threshold: float = default("segment", "threshold"), min_size: int = default("segment", "min_size"),
+                  method: str = default("segment", "method"), sigma: float = default("segment", "sigma"),
+                  h: float = default("segment", "h"), seed_threshold: float = default("segment", "seed_threshold"),
+                  min_relative_size: float = default("segment", "min_relative_size")) -> Path:
     """Segment a probability OME-Zarr into an NGFF label image (uint32).
+
+    The defaults are the config's (``segment`` section of the schema).
 
     ``method="components"``, blockwise:
     Connected components are found chunk by chunk with ``dask_image.ndmeasure.label``,
@@ -222,14 +253,7 @@ def segment_image(probabilities_path: str | Path, output_path: str | Path, *, th
     (``training_objects`` in the probabilities' provenance): a filter of fragments that follows
     the data, not a number tuned to one data set.
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-    if method not in SEGMENT_METHODS:
-        raise ValueError(f"segment method must be one of {SEGMENT_METHODS}, got {method!r}")
-    if method == "interior_watershed" and not threshold <= seed_threshold <= 1.0:
-        raise ValueError(f"seed_threshold must be in [threshold, 1] = [{threshold}, 1], got {seed_threshold!r}")
-    if not min_relative_size >= 0:
-        raise ValueError(f"min_relative_size must be >= 0, got {min_relative_size!r}")
+    _check_settings(method, threshold, seed_threshold, min_relative_size)
     probs = io.open_image(probabilities_path)
     meta = probs.attrs.get("unet_core", {})
     ndim = int(meta.get("model_ndim", 2))
@@ -241,21 +265,13 @@ def segment_image(probabilities_path: str | Path, output_path: str | Path, *, th
     shape = [probs.shape[probs.axes.index(a)] for a in axes]
     chunks = [1 if a in loop_axes else probs.array.chunks[probs.axes.index(a)] for a in axes]
     if method == "watershed":
-        settings = {"method": "seeded watershed of 1 - interior probability (h-minima seeds)",
-                    "sigma": sigma, "h": h}
         voxels = int(np.prod([probs.shape[probs.axes.index(a)] for a in spatial]))
         if voxels > _WATERSHED_MAX_VOXELS:
             raise ValueError(f"{probabilities_path}: the watershed method holds one {len(spatial)}D volume in memory "
                              f"and this one has {voxels:,} voxels (limit {_WATERSHED_MAX_VOXELS:,}); use "
                              "segment.method 'components', which works blockwise")
-    elif method == "interior_watershed":
-        settings = {"method": "watershed of the interior probability from its h-maxima (blockwise)",
-                    "threshold": threshold, "seed_threshold": seed_threshold, "sigma": sigma, "h": h}
-    else:
-        settings = {"method": "threshold + connected components (blockwise, merged across chunks)",
-                    "threshold": threshold}
-    settings.update({"name": method, "min_size": min_size, "min_relative_size": min_relative_size,
-                     "model_ndim": ndim})
+    settings = {**_recorded_settings(method, threshold=threshold, seed_threshold=seed_threshold, sigma=sigma, h=h),
+                "name": method, "min_size": min_size, "min_relative_size": min_relative_size, "model_ndim": ndim}
     attributes = {"image-label": {"version": io.NGFF_VERSION, "source": {"image": str(probabilities_path)}},
                   "unet_core": settings}
     structure = ndimage.generate_binary_structure(len(spatial), 1)

@@ -34,6 +34,7 @@ from . import io
 from .atomic import atomic_file, write_text
 from .augment import AUGMENTATION_VERSION, augment_batch
 from .checkpoint import read_or_set_aside, write_checkpoint
+from .defaults import choices, section
 from .loss import weighted_cross_entropy
 from .model import UNet
 from .normalize import Normalization, normalization_table
@@ -50,54 +51,61 @@ class TrainingInterrupted(RuntimeError):
     """Raised after a checkpoint was written because SIGTERM/SIGUSR1 arrived (e.g. preemption)."""
 
 
+_MODEL, _TRAIN, _WEIGHTS = section("model"), section("train"), section("weight_map")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """Parameters of one training run (the ``model`` and ``train`` sections of the config)."""
+    """Parameters of one training run: the config's ``model`` and ``train`` sections, and
+    ``w0``/``sigma`` of its ``weight_map`` section (for weight maps computed at training).
+    The defaults are the config schema's."""
 
-    base_channels: int = 16
-    depth: int = 3
-    ndim: int = 2
-    dropout: float = 0.2
-    batch_norm: bool = False
-    n_classes: int = 2
-    tile: int = 92
-    batch_size: int = 4
-    steps: int = 300
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.99
-    schedule: str = "onecycle"
-    grad_clip: float = 1.0
-    seed: int = 0
-    elastic_sigma: float = 10.0
-    elastic_grid: int = 3
-    flip_rotate: bool = True
-    rotation: bool = True
-    gray_strength: float = 0.1
-    w0: float = 10.0
-    sigma: float = 5.0
-    validate_every: int = 100
-    log_every: int = 10
-    checkpoint_every: int = 100
-    num_workers: int = 0
-    deterministic: bool = False
-    amp: bool = True
+    base_channels: int = _MODEL["base_channels"]
+    depth: int = _MODEL["depth"]
+    ndim: int = _MODEL["ndim"]
+    dropout: float = _MODEL["dropout"]
+    batch_norm: bool = _MODEL["batch_norm"]
+    n_classes: int = _MODEL["n_classes"]
+    tile: int = _TRAIN["tile"]
+    batch_size: int = _TRAIN["batch_size"]
+    steps: int = _TRAIN["steps"]
+    learning_rate: float = _TRAIN["learning_rate"]
+    optimizer: str = _TRAIN["optimizer"]
+    momentum: float = _TRAIN["momentum"]
+    schedule: str = _TRAIN["schedule"]
+    grad_clip: float = _TRAIN["grad_clip"]
+    seed: int = _TRAIN["seed"]
+    elastic_sigma: float = _TRAIN["elastic_sigma"]
+    elastic_grid: int = _TRAIN["elastic_grid"]
+    flip_rotate: bool = _TRAIN["flip_rotate"]
+    rotation: bool = _TRAIN["rotation"]
+    gray_strength: float = _TRAIN["gray_strength"]
+    w0: float = _WEIGHTS["w0"]
+    sigma: float = _WEIGHTS["sigma"]
+    validate_every: int = _TRAIN["validate_every"]
+    log_every: int = _TRAIN["log_every"]
+    checkpoint_every: int = _TRAIN["checkpoint_every"]
+    num_workers: int = _TRAIN["num_workers"]
+    deterministic: bool = _TRAIN["deterministic"]
+    amp: bool = _TRAIN["amp"]
     # How raw intensities are normalised; recorded in the checkpoint, so prediction does the same.
     normalize: Normalization = Normalization()
 
     @classmethod
-    def from_config(cls, model: dict, train: dict, normalize: dict | None = None) -> TrainSettings:
-        """Build from the validated config sections; unknown keys are an error."""
+    def from_config(cls, model: dict, train: dict, normalize: dict | None = None,
+                    weight_map: dict | None = None) -> TrainSettings:
+        """Build from the validated config sections (of ``weight_map`` only w0 and sigma are
+        read); unknown keys are an error."""
         names = set(cls.__dataclass_fields__) - {"normalize"}
         merged = {**model, **train}
         unknown = set(merged) - names
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; allowed: {sorted(names)}")
+        merged.update({k: v for k, v in (weight_map or {}).items() if k in ("w0", "sigma")})
         settings = cls(**merged, normalize=Normalization.from_config(normalize))
-        if settings.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {settings.optimizer!r}")
-        if settings.schedule not in ("onecycle", "constant"):
-            raise ValueError(f"schedule must be 'onecycle' or 'constant', got {settings.schedule!r}")
+        for key in ("optimizer", "schedule"):
+            if getattr(settings, key) not in choices("train", key):
+                raise ValueError(f"{key} must be one of {choices('train', key)}, got {getattr(settings, key)!r}")
         return settings
 
 
@@ -127,7 +135,7 @@ def _weight_group(weights_path, image_path, expected):
 
 
 def load_training_stack(image_path: str | Path, weights_path: str | Path | None, ndim: int, *,
-                        w0: float = 10.0, sigma: float = 5.0,
+                        w0: float = _WEIGHTS["w0"], sigma: float = _WEIGHTS["sigma"],
                         normalization: Normalization = Normalization()) -> _Stack:
     """Load an annotated training stack in memory, normalised as ``normalization`` says.
 

@@ -11,14 +11,16 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .defaults import choices, default
+
 __all__ = ["weight_map", "instances_from_binary", "instances_from_dense", "separate_touching", "neighbour_ids",
            "true_boundaries", "cells_of", "LABEL_KINDS", "LABEL_KIND_TARGETS"]
 
 # What a ground-truth label image can hold (config ``weight_map.labels``, sample-sheet column
 # ``labels_kind``): instance ids with background 0 between the cells, a binary interior mask, or
 # dense instance ids (every voxel belongs to a cell, as in tissue: the borders must be made from
-# the ids). The one list of kinds: targets, evaluation and the report read it.
-LABEL_KINDS = ("instances", "binary", "dense")
+# the ids). The one list of kinds is the config schema's; targets, evaluation and the report read it.
+LABEL_KINDS = choices("weight_map", "labels")
 # How each kind becomes training targets (:func:`cells_of`), in words for the report.
 LABEL_KIND_TARGETS = {
     "instances": "instance ids; touching objects get a border between them",
@@ -181,8 +183,8 @@ def class_balance(labels: np.ndarray) -> np.ndarray:
 
 def weight_map(
     labels: np.ndarray,
-    w0: float = 10.0,
-    sigma: float = 5.0,
+    w0: float = default("weight_map", "w0"),
+    sigma: float = default("weight_map", "sigma"),
     spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
     """The paper's weight map w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).

@@ -3,13 +3,13 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
 from snakemake.utils import validate
 
+from unet_core.defaults import CONFIG_SCHEMA, samples_schema
 from unet_core.demo import DEMO_STACKS
 from unet_core.samples import check_row, discover, merge_stacks, read_sample_sheet
 
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema=str(CONFIG_SCHEMA))
 
 
 def _apply_preset(config):
@@ -27,7 +27,7 @@ def _apply_preset(config):
 
 
 _apply_preset(config)
-validate(config, schema="../schemas/config.schema.yaml")
+validate(config, schema=str(CONFIG_SCHEMA))
 if (
     config["evaluate"].get("ground_truth", config["weight_map"]["labels"])
     != config["weight_map"]["labels"]
@@ -43,11 +43,7 @@ if (
 def _read_samples():
     """The batch: the sample sheet's rows, then stacks discovered in the raw folder; and the
     discovered files that were skipped (listed in the report with the reason)."""
-    schema_path = (
-        Path(workflow.current_basedir) / ".." / "schemas" / "samples.schema.yaml"
-    )
-    with open(schema_path) as handle:
-        schema = yaml.safe_load(handle)
+    schema = samples_schema()
     sheet = read_sample_sheet(config["samples"], schema)
     settings = config["discover"]
     found, skipped = [], []

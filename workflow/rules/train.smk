@@ -32,5 +32,7 @@ rule train:
         model=config["model"],
         train=config["train"],
         normalize=config["normalize"],
+        # w0 and sigma, recorded in the model card (the weight maps are made by weight_map)
+        weight_map={k: config["weight_map"][k] for k in ("w0", "sigma")},
     script:
         "../scripts/train.py"

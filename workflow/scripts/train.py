@@ -12,7 +12,10 @@ def main(snakemake):
     with logged(snakemake):
         torch.set_num_threads(snakemake.threads)
         settings = TrainSettings.from_config(
-            dict(snakemake.params.model), dict(snakemake.params.train), dict(snakemake.params.normalize)
+            dict(snakemake.params.model),
+            dict(snakemake.params.train),
+            dict(snakemake.params.normalize),
+            dict(snakemake.params.weight_map),
         )
         train(
             train_images=list(snakemake.input.images),
