@@ -135,8 +135,34 @@ def test_code_only_change_reruns_nothing(night):
 
 @pytest.mark.slow
 def test_switching_to_the_slurm_scheduler_reruns_nothing(night, tmp_path):
-    """Who computes the blocks (predict.scheduler, predict.slurm) is not what they hold: no stack
-    is predicted again. Only the report, which shows the run's config, is rewritten."""
+    """Who computes the blocks (predict.scheduler, predict.slurm) and which files are looked for
+    (discover) is not what the results hold: nothing is done, not even the report."""
     override = tmp_path / "cluster.yaml"
-    override.write_text("predict: {scheduler: slurm, slurm: {maximum_workers: 32, memory: 64GB}}\n")
+    override.write_text("predict: {scheduler: slurm, slurm: {maximum_workers: 32, memory: 64GB}}\n"
+                        "discover: {min_age_minutes: 30}\n")
+    assert _planned(night, "--configfile", "config/config.yaml", str(override)) == set()
+
+
+@pytest.mark.slow
+def test_a_setting_the_report_shows_rewrites_only_the_report(night, tmp_path):
+    override = tmp_path / "preset.yaml"
+    override.write_text("presets: {trial: {train: {steps: 5}}}\n")  # defined, not chosen: shown, not used
     assert _planned(night, "--configfile", "config/config.yaml", str(override)) == REPORT
+
+
+@pytest.mark.slow
+def test_a_run_that_stopped_with_errors_makes_the_next_run_write_the_report(night):
+    """The onerror handler appends to the record after writing its report: the record is an
+    input of the report rule, so the next run writes the report again."""
+    record = night / "results" / "report" / "incomplete_runs.tsv"
+    assert record.read_text().startswith("time\t")
+    original = record.read_bytes()
+    stat = record.stat()
+    try:
+        with open(record, "a") as handle:
+            handle.write("2026-12-04T00:00:00\tvolume_3d\tyes\t-\n")
+        _later(record)
+        assert _planned(night) == REPORT
+    finally:
+        record.write_bytes(original)
+        os.utime(record, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -38,7 +38,7 @@ from .run_status import (STACK_RULES, STATUS_FAILED, STATUS_NOT_RUN, STATUS_OK, 
                          model_status, stack_status)
 from .weights import LABEL_KIND_TARGETS
 
-__all__ = ["write_report", "report_incomplete_run", "qc_flags", "last_exception", "STACK_RULES"]
+__all__ = ["write_report", "report_incomplete_run", "start_record", "qc_flags", "last_exception", "STACK_RULES"]
 
 
 _UNCERTAIN_LIMIT = 0.15
@@ -429,35 +429,14 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     failed_logs = failed_job_logs(snakemake_logs)
     model = _model_section(model_dir, logs_dir, failed_logs)
 
-    statuses = []
-    for metrics_path in map(Path, metrics):
-        stack = metrics_path.name.removesuffix(".json")
-        status = stack_status(stack, metrics_path, logs_dir, failed_logs, model["status"] != STATUS_OK)
-        if status["status"] == STATUS_OK:
-            try:
-                status["result"] = _read_result(metrics_path)
-            except (OSError, ValueError) as error:
-                status = {**status, "status": STATUS_FAILED, "rule": "evaluate",
-                          "error": f"{type(error).__name__}: {error}", "log": str(metrics_path)}
-        statuses.append(status)
-
-    ok = [s for s in statuses if s["status"] == STATUS_OK]
-    results = [s["result"] for s in ok]
-    for status, flags, scores in zip(ok, qc_flags(results), _outlier_scores(results)):
-        status["flags"], status["z"] = flags, scores
+    statuses = _stack_statuses(metrics, logs_dir, failed_logs, model["status"] != STATUS_OK)
+    results = [s["result"] for s in statuses if s["status"] == STATUS_OK]
     entries = [_stack_entry(s, Path(i), Path(g)) for s, i, g in zip(statuses, images, segmentations)]
     for entry in entries:
         entry["role"] = entry["role"] or (roles or {}).get(entry["stack"])
     skipped = [{"path": str(item["path"]), "reason": str(item["reason"])} for item in skipped]
-
     present = [c for c in _COLUMNS if any(_value(r, c[2], c[3]) is not None for r in results)]
-    rows = []
-    for number, entry in enumerate(entries, start=1):
-        row = {"number": number, "entry": entry, "cells": []}
-        for key, _header, section, field, fmt in present:
-            result = entry.get("result", {})
-            row["cells"].append(_cell(_value(result, section, field), fmt, entry.get("z", {}).get(key)))
-        rows.append(row)
+    rows = _table_rows(entries, present)
     held_out = [r["metrics"]["foreground_iou"] for r in results
                 if _value(r, "metrics", "foreground_iou") is not None and r.get("role") != "train"]
     runtime_summary, runtime_jobs = _runtimes(Path(benchmarks_dir) if benchmarks_dir is not None else None)
@@ -487,6 +466,39 @@ def write_report(*, metrics: Sequence[str | Path], images: Sequence[str | Path],
     return output_path
 
 
+def _stack_statuses(metrics: Sequence[str | Path], logs_dir: Path | None, failed_logs, model_failed: bool) -> list:
+    """Per stack: its status (run_status), its evaluate result when ok, and its QC flags and
+    outlier scores among the stacks that are ok."""
+    statuses = []
+    for metrics_path in map(Path, metrics):
+        stack = metrics_path.name.removesuffix(".json")
+        status = stack_status(stack, metrics_path, logs_dir, failed_logs, model_failed)
+        if status["status"] == STATUS_OK:
+            try:
+                status["result"] = _read_result(metrics_path)
+            except (OSError, ValueError) as error:
+                status = {**status, "status": STATUS_FAILED, "rule": "evaluate",
+                          "error": f"{type(error).__name__}: {error}", "log": str(metrics_path)}
+        statuses.append(status)
+    ok = [s for s in statuses if s["status"] == STATUS_OK]
+    results = [s["result"] for s in ok]
+    for status, flags, scores in zip(ok, qc_flags(results), _outlier_scores(results)):
+        status["flags"], status["z"] = flags, scores
+    return statuses
+
+
+def _table_rows(entries: list[dict], present: list) -> list[dict]:
+    """The overview table: one row per stack, a cell per metric column that any stack has."""
+    rows = []
+    for number, entry in enumerate(entries, start=1):
+        row = {"number": number, "entry": entry, "cells": []}
+        for key, _header, section, field, fmt in present:
+            result = entry.get("result", {})
+            row["cells"].append(_cell(_value(result, section, field), fmt, entry.get("z", {}).get(key)))
+        rows.append(row)
+    return rows
+
+
 def _summary(entries: list[dict], model: dict, counts: dict, stopped_with_errors: bool) -> dict:
     stacks = []
     for entry in entries:
@@ -513,10 +525,10 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
 
     For the workflow's ``onerror`` handler: stacks whose metrics exist are reported, the others
     are listed with the rule that failed and its error, and the page says the run is incomplete.
-    Then a line (time, failed stacks, Snakemake's log) is appended to ``record_path``, which the
-    report rule takes as an input once it exists: the new line makes Snakemake write the
-    report again on the next run, even when the failed stacks are then removed from the batch
-    and every other input is unchanged.
+    Then a line (time, failed stacks, Snakemake's log) is appended to ``record_path``, an input
+    of the report rule (created by :func:`start_record`): the new line makes Snakemake write
+    the report again on the next run, even when the failed stacks are then removed from the
+    batch and every other input is unchanged.
 
     Any problem is printed to stderr and to ``<logs_dir>/report/onerror.log`` and None is
     returned, so that the run's own error stays the one Snakemake reports.
@@ -537,15 +549,25 @@ def report_incomplete_run(*, metrics: Sequence[str | Path], images: Sequence[str
     return written
 
 
+_RECORD_HEADER = "time\tstacks_without_metrics\treport_written\tsnakemake_log\n"
+
+
+def start_record(path: str | Path) -> Path:
+    """The record of runs that stopped with errors, as its header only, unless it exists (it is
+    never emptied: it is the history :func:`report_incomplete_run` appends to)."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, _RECORD_HEADER)
+    return path
+
+
 def _append_record(path: Path, metrics: Sequence[str | Path], snakemake_logs: Sequence[str | Path],
                    written: Path | None) -> None:
     """One line per run that stopped with errors: when, which stacks have no metrics, the logs."""
     missing = [Path(m).name.removesuffix(".json") for m in metrics if not Path(m).exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    start_record(path)
     with open(path, "a") as handle:
-        if new:
-            handle.write("time\tstacks_without_metrics\treport_written\tsnakemake_log\n")
         when = datetime.datetime.now().astimezone().isoformat(timespec="microseconds")
         fields = [when, ",".join(missing) or "-", "yes" if written else "no",
                   ",".join(map(str, snakemake_logs or ())) or "-"]

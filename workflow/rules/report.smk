@@ -1,10 +1,24 @@
 from pathlib import Path
 
+from unet_core.defaults import result_settings
 from unet_core.report import report_incomplete_run
 
-# One line per run that stopped with errors, appended by the onerror handler below. Once it
-# exists it is an input of the report: a new line makes the next run write the report again.
+# One line per run that stopped with errors, appended by the onerror handler below. The rule
+# incomplete_runs creates it (a header only) if it is missing, so it is always an input of the
+# report: a new line is newer than the report and makes the next run write the report again.
 INCOMPLETE_RUNS = "results/report/incomplete_runs.tsv"
+
+
+rule incomplete_runs:
+    output:
+        record=INCOMPLETE_RUNS,
+    log:
+        "logs/report/incomplete_runs.log",
+    localrule: True
+    conda:
+        "../../envs/unet.yaml"
+    script:
+        "../scripts/incomplete_runs.py"
 
 
 # The HTML QC report of the run. The same function writes it from the onerror handler below
@@ -17,7 +31,7 @@ rule report:
         model=expand(rules.train.output.model, model=MODEL),
         card=expand(rules.train.output.card, model=MODEL),
         training_log=expand(rules.train.output.log, model=MODEL),
-        incomplete_runs=[INCOMPLETE_RUNS] if Path(INCOMPLETE_RUNS).exists() else [],
+        incomplete_runs=rules.incomplete_runs.output.record,
         ablation=ABLATION,
     output:
         html=report(
@@ -37,7 +51,9 @@ rule report:
     conda:
         "../../envs/unet.yaml"
     params:
-        config=config,
+        # the settings that shape the results; where and how the jobs ran is left out, so that
+        # changing only that rewrites nothing (unet_core.defaults.result_settings)
+        config=result_settings(config),
         roles={stack: SAMPLES[stack]["role"] for stack in PREDICT},
         skipped=SKIPPED,
         logs_dir="logs",
@@ -57,7 +73,7 @@ onerror:
         output_path=rules.report.output.html,
         summary_path=rules.report.output.summary,
         record_path=INCOMPLETE_RUNS,
-        config=config,
+        config=rules.report.params.config,
         roles=rules.report.params.roles,
         skipped=SKIPPED,
         logs_dir=rules.report.params.logs_dir,
