@@ -20,13 +20,18 @@ def _lock(folder):
 
 
 def _running(argv, cwd, name):
-    """Start ``argv`` in ``cwd`` and wait until its command line shows ``name`` (exec done)."""
+    """Start ``argv`` in ``cwd`` and wait until its command line shows ``name``. ``bash -c 'exec -a
+    NAME ...'`` shows NAME in bash's own arguments before the exec: there, wait for the program
+    name itself to be NAME (exec done), or a loaded machine sees bash and calls the lock stale."""
     process = subprocess.Popen(argv, cwd=cwd)
+    execs = argv[0] == "bash" and argv[-1].startswith(f"exec -a {name} ")
     deadline = time.time() + 30
-    while name not in Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace"):
+    while True:
+        parts = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if (parts[0] == name) if execs else name in "\0".join(parts):
+            return process
         assert time.time() < deadline, f"{argv} did not start"
         time.sleep(0.02)
-    return process
 
 
 def _rule_script(folder):
