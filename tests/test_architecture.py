@@ -34,6 +34,7 @@ FORBIDDEN = {
     "report": {"train", "predict", "plan", "segment"},
     "evaluate": {"train", "predict"},
     "predict": {"train", "report", "evaluate"},
+    "export": {"train", "predict", "plan", "report"},  # a model file in, a package out
 }
 # Modules and functions above the limits of the issue (600 lines, 80 lines): a ratchet, each
 # with its reason; none may grow, and no other may join without a reason here.
@@ -84,7 +85,7 @@ def _module_aliases(tree):
 def test_the_graph_covers_every_module():
     assert len(MODULES) > 20 and "predict" in MODULES, f"no modules read from {PACKAGE}"
     assert set(ALLOWED) | set(FORBIDDEN) | {"__init__", "cli", "plan", "prepare", "segment", "evaluate", "report",
-                                            "train", "predict", "ingest"} >= set(MODULES)
+                                            "train", "predict", "ingest", "export"} >= set(MODULES)
 
 
 def _private_uses(tree) -> list[str]:

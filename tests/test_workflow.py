@@ -50,6 +50,23 @@ def test_second_run_has_nothing_to_do(workdir, finished_run):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
+def test_export_target_writes_a_package_that_passes_the_bioimageio_test(workdir, tmp_path):
+    """`snakemake export` (not part of `all`) after a run: the trained demo model as a package."""
+    import shutil
+
+    import bioimageio.core
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work, symlinks=True)
+    run = _snakemake(work, "--profile", "profiles/local", "--cores", "2", "export")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "export_bioimageio" in run.stderr and "rule train:" not in run.stderr  # only the export ran
+    package = work / "results" / "export" / "demo.bioimageio" / "bioimageio.yaml"
+    summary = bioimageio.core.test_model(package, devices=["cpu"])
+    assert summary.status == "passed", summary.format()
+
+
 def test_lint_and_format(repo):
     lint = _snakemake(repo, "--lint")
     assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -19,7 +19,11 @@ import torch
 from .atomic import atomic_file
 from .model import UNet
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint", "read_or_set_aside", "load_model"]
+__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint", "read_or_set_aside", "load_model",
+           "is_bioimageio_package", "BIOIMAGEIO_CONFIG_KEY"]
+
+# The section of a bioimage.io package's config that unet_core.export writes and reads back.
+BIOIMAGEIO_CONFIG_KEY = "unet_core"
 
 
 class CheckpointError(ValueError):
@@ -72,10 +76,50 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return contents
 
 
+def is_bioimageio_package(path: str | Path) -> bool:
+    """A bioimage.io package's ``bioimageio.yaml``/``rdf.yaml`` (any ``.yaml``) or its ``.zip``."""
+    return Path(path).suffix.lower() in (".yaml", ".yml", ".zip")
+
+
+def _read_bioimageio(path: Path, device) -> dict:
+    """The checkpoint contents of a bioimage.io package written by :mod:`unet_core.export`:
+    validated by ``bioimageio.spec`` (which checks every file's sha256), the U-Net's weights
+    from its state dict (``weights_only=True``), the settings from ``config.unet_core``."""
+    import io as _bytes
+    from bioimageio.spec import InvalidDescr, load_model_description
+
+    if not path.exists():
+        raise FileNotFoundError(f"bioimage.io package not found: {path}")
+    try:
+        descr = load_model_description(path, perform_io_checks=True)
+    except Exception as error:  # noqa: BLE001 - an invalid package raises ValueError, a broken zip others
+        raise CheckpointError(f"{path}: not a valid bioimage.io model package ({error})"[:800]) from None
+    if isinstance(descr, InvalidDescr):
+        raise CheckpointError(f"{path}: not a valid bioimage.io model package")
+    ours = (descr.config.model_extra or {}).get(BIOIMAGEIO_CONFIG_KEY)
+    weights = descr.weights.pytorch_state_dict
+    if not isinstance(ours, dict) or "architecture" not in ours or weights is None:
+        raise CheckpointError(f"{path}: a bioimage.io package that unet-core did not export (no "
+                              f"config.{BIOIMAGEIO_CONFIG_KEY} with the architecture, or no pytorch_state_dict "
+                              f"weights); run it with a bioimage.io consumer (bioimageio.core, ilastik, deepImageJ)")
+    try:
+        state = torch.load(_bytes.BytesIO(weights.get_reader().read()), map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - as in read_checkpoint
+        raise CheckpointError(f"{path}: its weights cannot be read: {_reason(error)}") from None
+    prefix = "unet."  # the package holds SameSizeUNet, whose U-Net is .unet
+    return {**ours, "model": {k.removeprefix(prefix): v for k, v in state.items()}}
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """Load a checkpoint written by :mod:`unet_core.train` (``torch.load(weights_only=True)``)."""
+    """Load a checkpoint written by :mod:`unet_core.train` (``torch.load(weights_only=True)``),
+    or a bioimage.io package written by :mod:`unet_core.export` (its ``rdf.yaml``, folder or zip)."""
     path = Path(path)
-    checkpoint = read_checkpoint(path, device)  # FileNotFoundError or CheckpointError, naming the file
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder: give a model.pt, or the bioimageio.yaml of a bioimage.io package")
+    if is_bioimageio_package(path):
+        checkpoint = _read_bioimageio(path, device)
+    else:
+        checkpoint = read_checkpoint(path, device)  # FileNotFoundError or CheckpointError, naming the file
     if "model" not in checkpoint or "architecture" not in checkpoint:
         raise ValueError(f"{path}: not a unet_core checkpoint (missing 'model'/'architecture')")
     model = UNet(**checkpoint["architecture"])

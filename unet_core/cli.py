@@ -105,6 +105,12 @@ def _evaluate(args) -> None:
                    ground_truth=args.ground_truth)
 
 
+def _export(args) -> None:
+    from .export import export_bioimageio
+    print(export_bioimageio(args.model, args.out, sample=args.sample, name=args.name,
+                            authors=tuple(args.author or ("unet-pipeline",))))
+
+
 def _report(args) -> None:
     from .report import write_report
     write_report(metrics=args.metrics, images=args.images, segmentations=args.segmentations, model_dir=args.model_dir,
@@ -250,6 +256,18 @@ def _output_parsers(sub) -> None:
     p.add_argument("--ground-truth", default=default("weight_map", "labels"), choices=LABEL_KINDS,
                    help="instances, binary (ISBI 2012) or dense (tissue)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("export", help="a trained model as a bioimage.io model package (ilastik, deepImageJ, "
+                       "QuPath, napari, BiaPy)")
+    p.add_argument("--model", required=True, help="model.pt written by train")
+    p.add_argument("--format", default="bioimageio", choices=("bioimageio",), help="package format")
+    p.add_argument("--out", required=True, help="package folder to write (its bioimageio.yaml is printed)")
+    p.add_argument("--sample", help="an ingested OME-Zarr image: a crop becomes the test input and cover "
+                                    "(default: smoothed noise)")
+    p.add_argument("--name", help="the model's name in the package (default: 'U-Net <model folder>')")
+    p.add_argument("--author", action="append", default=None, help="an author's name (repeatable; "
+                                                                     "default: unet-pipeline)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="HTML QC report")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics JSON files written by evaluate")

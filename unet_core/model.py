@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["UNet", "valid_sizes"]
+__all__ = ["UNet", "SameSizeUNet", "valid_sizes"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _UPCONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -263,3 +263,38 @@ class UNet(nn.Module):
             x = upconv(x)
             x = block(torch.cat([_center_crop(skips[level], list(x.shape[2:])), x], dim=1))
         return self.head(x)
+
+
+class SameSizeUNet(nn.Module):
+    """The U-Net as a network whose output has its input's size, for formats that run a model on
+    tiles of their own (bioimage.io): the input is mirrored by the U-Net's margin on every side
+    (``reflect``: the edge is not repeated, as :mod:`unet_core.tiling` mirrors the volume's
+    border), the valid-convolution U-Net computes, and softmax gives class probabilities.
+
+    Its output on an image equals overlap-tile prediction of that image; an output pixel within
+    ``halo`` (= the margin) of a tile's edge sees mirrored context instead of the real one, so
+    a tiled consumer discards it. The input sizes per axis are ``min_size + n * step``.
+    Self-contained (torch only): a bioimage.io package ships this file as the architecture.
+    The arguments are :class:`UNet`'s.
+
+    Examples
+    --------
+    >>> net = SameSizeUNet(base_channels=4, depth=2)
+    >>> (net.halo, net.min_size, net.step)
+    (20, 44, 4)
+    >>> tuple(net(torch.zeros(1, 1, 48, 52)).shape)
+    (1, 2, 48, 52)
+    """
+
+    def __init__(self, **unet_arguments) -> None:
+        super().__init__()
+        self.unet = UNet(**unet_arguments)
+        self.halo = int(self.unet.margin())
+        self.step = 2 ** self.unet.depth
+        # the smallest input whose padded size the U-Net takes and that is more than two halos wide
+        self.min_size = valid_sizes(self.unet.depth, kind="input", near=4 * self.halo)[-1] - 2 * self.halo
+        self.pad = [self.halo] * (2 * self.unet.ndim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = nn.functional.pad(x, self.pad, mode="reflect")
+        return torch.softmax(self.unet(padded), dim=1)
