@@ -88,6 +88,8 @@ def test_command_line_defaults_are_the_schema_defaults():
     assert (weight_map["w0"], weight_map["sigma"], weight_map["labels"]) == tuple(
         defaults.default("weight_map", k) for k in ("w0", "sigma", "labels"))
     assert _option_defaults("demo-data", ["d"])["seed"] == defaults.default("demo", "seed")
+    ingest = _option_defaults("ingest", ["in", "out"])
+    assert (ingest["format"], ingest["shards"]) == (defaults.default("ingest", "format"), None)
 
 
 def test_the_command_line_help_shows_the_defaults():

@@ -53,7 +53,7 @@ def _demo_data(args) -> None:
 def _ingest(args) -> None:
     from .ingest import ingest
     ingest(args.input, args.output, labels_path=args.labels, axes=args.axes, chunks=args.chunks,
-           pyramid=not args.no_pyramid, subset=args.subset)
+           pyramid=not args.no_pyramid, subset=args.subset, format=args.format, shards=args.shards)
 
 
 def _weight_map(args) -> None:
@@ -160,6 +160,10 @@ def _stage_parsers(sub) -> None:
     p.add_argument("--chunks", type=_ints, help="chunk shape, e.g. 1,512,512")
     p.add_argument("--subset", help="ingest only a range, e.g. z=0:20 (NGFF axis letters)")
     p.add_argument("--no-pyramid", action="store_true", help="write level 0 only (no viewing pyramid)")
+    p.add_argument("--format", default=default("ingest", "format"), choices=choices("ingest", "format"),
+                   help="ngff-0.4 (zarr v2) or ngff-0.5 (zarr v3, sharded)")
+    p.add_argument("--shards", type=_ints, help="ngff-0.5: shard shape in NGFF order, multiples of the chunks "
+                                                "(default: the blocks written at once)")
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("weight-map", help="targets + paper weight maps from an ingested stack's ground truth")

@@ -125,8 +125,10 @@ def parse_subset(text: str | None) -> dict[str, slice]:
 
 def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str | Path | None = None,
            axes: str | None = None, chunks: Sequence[int] | None = None, pyramid: bool = True,
-           block_bytes: int = tiff.BLOCK_BYTES, subset: Mapping[str, slice] | str | None = None) -> Path:
-    """Convert a raw stack (and optional instance ground truth) into an OME-Zarr image.
+           block_bytes: int = tiff.BLOCK_BYTES, subset: Mapping[str, slice] | str | None = None,
+           format: str = io.DEFAULT_FORMAT, shards: Sequence[int] | None = None) -> Path:
+    """Convert a raw stack (and optional instance ground truth) into an OME-Zarr image; returns
+    ``output_path``.
 
     Parameters
     ----------
@@ -158,11 +160,9 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
         Ingest only a range along some axes (NGFF letters), e.g. ``{"z": slice(0, 20)}`` or
         ``"z=0:20"``: held-out slices of one volume become their own stack. Applied to the
         labels alike.
-
-    Returns
-    -------
-    Path
-        ``output_path``.
+    format, shards : str, sequence of int, optional
+        ``ngff-0.4`` (zarr v2) or ``ngff-0.5`` (zarr v3, sharded: ``shards`` in NGFF order, or
+        by default the blocks written at once, up to ``block_bytes``).
 
     Raises
     ------
@@ -170,7 +170,6 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
         The input cannot be ingested (not a TIFF, truncated or damaged, no pages, pages of
         different shapes, unsupported pixel type, unreadable, labels of another shape); the
         message names the file and the problem, and no output is left behind.
-
     """
     input_path, output_path = Path(input_path), Path(output_path)
     subset = parse_subset(subset) if isinstance(subset, str) else dict(subset or {})
@@ -181,15 +180,14 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
         out_axes = io.canonical_axes(source.axes)
         out_shape = tuple(source.shape[source.axes.index(a)] for a in out_axes)
         chunk_shape = _resolve_chunks(chunks, out_axes, out_shape, input_path)
-        label_source = None
-        if labels_path is not None:
-            labels_path = Path(labels_path)
-            label_source = stack.enter_context(tiff.open_source(
-                labels_path, None, check_dtype=tiff.label_dtype_problem, max_page_bytes=block_bytes))
-            label_source = _fit_labels(label_source, labels_path, subset, out_axes, out_shape, input_path)
+        labels_path = Path(labels_path) if labels_path is not None else None
+        label_source = labels_path and _fit_labels(stack.enter_context(tiff.open_source(
+            labels_path, None, check_dtype=tiff.label_dtype_problem, max_page_bytes=block_bytes)),
+            labels_path, subset, out_axes, out_shape, input_path)
         request = {"layout": _INGEST_LAYOUT, "axes": out_axes, "shape": list(out_shape),
                    "chunks": list(chunk_shape), "pyramid": bool(pyramid),
-                   "subset": {a: [r.start, r.stop] for a, r in subset.items()}}
+                   "subset": {a: [r.start, r.stop] for a, r in subset.items()},
+                   **_format_request(format, shards, out_axes, input_path)}
 
         with ThreadPoolExecutor(2, thread_name_prefix="ingest-hash") as hasher:
             # hashing runs beside the pixel copy (hashlib releases the GIL)
@@ -207,13 +205,14 @@ def ingest(input_path: str | Path, output_path: str | Path, *, labels_path: str 
             levels = plan_levels(out_axes, out_shape, chunk_shape, source.dtype.itemsize, factors, block_bytes)
             started = datetime.datetime.now(datetime.timezone.utc)
             with atomic_directory(output_path) as tmp:
-                group = zarr.open_group(tmp, mode="w", zarr_format=2)
+                group = io.new_group(tmp, format)
                 write_image(group, source, out_axes, levels, scale, units, output_path.name, method="mean",
-                                    attributes={}, write_empty_chunks=True)
+                            attributes={}, write_empty_chunks=True, shards=shards)
                 provenance = _provenance(input_path, source, digest.result(), request, axes, len(levels),
                                          block_bytes, started)
                 if label_source is not None:
-                    _write_labels(group, label_source, labels_path, out_axes, levels, scale, units, block_bytes)
+                    _write_labels(group, label_source, labels_path, out_axes, levels, scale, units, block_bytes,
+                                  shards)
                     provenance["labels"] = {"source": str(labels_path), "size_bytes": label_source.size,
                                             "sha256": label_digest.result(), "tiff": label_source.summary}
                 group.attrs["unet_core"] = {"provenance": provenance}
@@ -238,8 +237,25 @@ def _provenance(input_path: Path, source, sha256: str, request: dict, axes: str 
     return provenance
 
 
+def _format_request(format: str, shards: Sequence[int] | None, axes: str, path: Path) -> dict:
+    """The format settings that decide the output (none for the default, so that outputs written
+    before formats existed stay current)."""
+    if format not in io.FORMATS:
+        raise ValueError(f"format must be one of {', '.join(io.FORMATS)}, got {format!r}")
+    if shards is not None and format != "ngff-0.5":
+        raise ValueError(f"{path}: shards need format ngff-0.5 (zarr v3)")
+    if shards is not None and (len(shards) != len(axes) or any(int(s) < 1 for s in shards)):
+        raise ValueError(f"{path}: shards {tuple(shards)} do not fit axes {axes!r} (give one positive size per "
+                         f"axis, in NGFF order)")
+    request = {"format": format} if format != io.DEFAULT_FORMAT else {}
+    if shards is not None:
+        request["shards"] = [int(s) for s in shards]
+    return request
+
+
 def _write_labels(group: zarr.Group, source, path: Path, image_axes: str, image_levels: list[Level],
-                  scale: Sequence[float], units: Mapping[str, str], block_bytes: int) -> None:
+                  scale: Sequence[float], units: Mapping[str, str], block_bytes: int,
+                  shards: Sequence[int] | None) -> None:
     """The NGFF label image ``labels/ground_truth``, with the image's levels (stride subsampled)."""
     keep = [i for i, a in enumerate(image_axes) if a != "c"]
     axes = "".join(image_axes[i] for i in keep)
@@ -248,7 +264,7 @@ def _write_labels(group: zarr.Group, source, path: Path, image_axes: str, image_
     levels = plan_levels(axes, tuple(image_levels[0].shape[i] for i in keep), chunks, source.dtype.itemsize,
                                  factors, block_bytes)
     labels = group.require_group("labels")
-    labels.attrs["labels"] = ["ground_truth"]
+    labels.attrs.update(io.ngff_attributes(io.group_format(group), labels=["ground_truth"]))
     sub = labels.require_group("ground_truth")
     signed = source.dtype.kind == "i"
 
@@ -257,5 +273,5 @@ def _write_labels(group: zarr.Group, source, path: Path, image_axes: str, image_
             raise tiff.TiffError(f"{path}: labels hold negative ids ({int(block.min())}); instance ids must be >= 0")
 
     write_image(sub, source, axes, levels, [scale[i] for i in keep], units, "ground_truth", method="nearest",
-                        attributes={"image-label": {"version": io.NGFF_VERSION, "source": {"image": "../../"}}},
-                        write_empty_chunks=False, check=check)
+                attributes={}, image_label={"source": {"image": "../../"}}, write_empty_chunks=False, check=check,
+                shards=[shards[i] for i in keep] if shards is not None else None)

@@ -1,9 +1,14 @@
 """OME-Zarr images: the layout this package reads and writes, and creating them atomically.
 
-Format: OME-NGFF 0.4 on zarr format 2, blosc-zstd compressed. NGFF 0.4 / zarr v2 is the
+Formats (:data:`FORMATS`): ``ngff-0.4``, OME-NGFF 0.4 on zarr format 2, the default: the
 combination that every current reader opens (napari + napari-ome-zarr, ome-zarr-py, Fiji's
-n5-zarr/MoBIE, neuroglancer, vizarr); NGFF 0.5 needs zarr v3, which several of them still
-read only partially.
+n5-zarr/MoBIE, neuroglancer, vizarr); and ``ngff-0.5``, OME-NGFF 0.5 on zarr format 3, whose
+shards hold many chunks in one file (a terabyte in thousands of files instead of millions),
+read by ome-zarr-py >= 0.12, zarr-python >= 3, neuroglancer and vizarr, not yet by every
+napari/Fiji plugin. Both are blosc-zstd compressed. Every reader here opens both; a stage
+writes its output in its input's format. This module owns the layout: which attributes hold
+the NGFF metadata (top level in 0.4, under ``ome`` in 0.5), our own ``unet_core`` attribute,
+and how arrays are created.
 
 Axes use NGFF names and order: a subset of ``t, c, z, y, x`` in that order; every image has
 ``y`` and ``x``. Level 0 of an image is the array at path ``"0"``; ingest
@@ -26,11 +31,16 @@ import numpy as np
 import zarr
 
 from .atomic import atomic_directory
+from .defaults import choices, default
 
-__all__ = ["NGFF_VERSION", "AXIS_ORDER", "COMPRESSOR", "FAST_COMPRESSOR", "Image", "open_image", "read_labels",
-           "canonical_axes", "default_chunks", "multiscales", "create_image", "atomic_image", "sha256_file"]
+__all__ = ["FORMATS", "DEFAULT_FORMAT", "AXIS_ORDER", "COMPRESSOR", "FAST_COMPRESSOR", "Image", "open_image",
+           "read_labels", "canonical_axes", "default_chunks", "multiscales", "create_image", "atomic_image",
+           "sha256_file", "new_group", "group_format", "create_array", "ngff_attributes", "write_regions"]
 
-NGFF_VERSION = "0.4"
+FORMATS = choices("ingest", "format")
+DEFAULT_FORMAT = default("ingest", "format")
+_ZARR_FORMAT = {"ngff-0.4": 2, "ngff-0.5": 3}
+_NGFF_VERSION = {"ngff-0.4": "0.4", "ngff-0.5": "0.5"}
 AXIS_ORDER = "tczyx"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 # The compressor of every array this package writes, unless it says otherwise.
@@ -66,6 +76,7 @@ class Image:
     axes: str
     scale: dict[str, float]
     attrs: dict
+    format: str = DEFAULT_FORMAT
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,7 +104,7 @@ def open_image(path: str | Path, name: str | None = None) -> Image:
         raise FileNotFoundError(f"OME-Zarr image not found: {path}")
     try:
         group = zarr.open_group(path / "labels" / name if name else path, mode="r")
-        multiscales = group.attrs["multiscales"][0]
+        multiscales = _ngff(group)["multiscales"][0]
         axes = "".join(a["name"] for a in multiscales["axes"])
         dataset = multiscales["datasets"][0]
         array = group[dataset["path"]]
@@ -103,7 +114,67 @@ def open_image(path: str | Path, name: str | None = None) -> Image:
     for transform in dataset.get("coordinateTransformations", []):
         if transform.get("type") == "scale":
             scale = dict(zip(axes, (float(s) for s in transform["scale"])))
-    return Image(path=path, array=array, axes=axes, scale=scale, attrs=dict(group.attrs))
+    return Image(path=path, array=array, axes=axes, scale=scale, attrs=dict(group.attrs), format=group_format(group))
+
+
+def _ngff(group: zarr.Group) -> dict:
+    """The NGFF metadata of a group: its attributes (0.4) or their ``ome`` member (0.5)."""
+    return group.attrs.get("ome", group.attrs) if group_format(group) == "ngff-0.5" else group.attrs
+
+
+def group_format(group: zarr.Group) -> str:
+    """``ngff-0.5`` for a zarr v3 group, else ``ngff-0.4``."""
+    return "ngff-0.5" if group.metadata.zarr_format == 3 else "ngff-0.4"
+
+
+def new_group(root: str | Path, format: str = DEFAULT_FORMAT) -> zarr.Group:
+    """An empty zarr group at ``root`` in the zarr format of ``format``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    return zarr.open_group(root, mode="w", zarr_format=_ZARR_FORMAT[format])
+
+
+def ngff_attributes(format: str, **ngff) -> dict:
+    """Group attributes holding the NGFF metadata ``ngff`` (``multiscales``, ``image-label``,
+    ``labels``; without versions) in the layout of ``format``."""
+    ngff = {key.replace("_", "-"): value for key, value in ngff.items() if value is not None}
+    if format == "ngff-0.5":
+        return {"ome": {"version": _NGFF_VERSION[format], **ngff}}
+    version = _NGFF_VERSION[format]
+    if "multiscales" in ngff:
+        ngff["multiscales"] = [{"version": version, **m} for m in ngff["multiscales"]]
+    if "image-label" in ngff:
+        ngff["image-label"] = {"version": version, **ngff["image-label"]}
+    return ngff
+
+
+def create_array(group: zarr.Group, path: str, *, axes: str, shape, dtype, chunks, shards=None,
+                 compressor: numcodecs.abc.Codec | None = None, write_empty_chunks: bool = False) -> zarr.Array:
+    """An array of ``group`` in the group's zarr format, zero-filled, blosc-compressed: zarr v2
+    with ``/`` chunk keys (NGFF 0.4), or zarr v3 with dimension names and optional ``shards``
+    (NGFF 0.5; the shard shape a multiple of ``chunks``)."""
+    compressor = compressor or COMPRESSOR
+    config = {"write_empty_chunks": write_empty_chunks}
+    if group.metadata.zarr_format == 2:
+        if shards is not None:
+            raise ValueError("shards need NGFF 0.5 (zarr v3); set ingest.format: ngff-0.5")
+        return group.create_array(path, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), compressors=compressor,
+                                  fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"}, config=config)
+    codec = zarr.codecs.BloscCodec(cname=compressor.cname, clevel=compressor.clevel,
+                                   shuffle=_SHUFFLE[compressor.shuffle])
+    return group.create_array(path, shape=tuple(shape), dtype=dtype, chunks=tuple(chunks),
+                              shards=tuple(shards) if shards is not None else None, compressors=codec, fill_value=0,
+                              dimension_names=list(axes), config=config)
+
+
+_SHUFFLE = {numcodecs.Blosc.NOSHUFFLE: "noshuffle", numcodecs.Blosc.SHUFFLE: "shuffle",
+            numcodecs.Blosc.BITSHUFFLE: "bitshuffle"}
+
+
+def write_regions(array: zarr.Array) -> tuple[int, ...]:
+    """The shape of the pieces that concurrent writers may write independently: a shard (two
+    writers of one shard would each rewrite it) or, unsharded, a chunk."""
+    return tuple(array.shards or array.chunks)
 
 
 def read_labels(path: str | Path, name: str = "ground_truth") -> Image | None:
@@ -115,6 +186,7 @@ def read_labels(path: str | Path, name: str = "ground_truth") -> Image | None:
 
 def multiscales(axes: str, scale: Sequence[float], name: str, units: Mapping[str, str] | None = None,
                  datasets: list[dict] | None = None, method: dict | None = None) -> list[dict]:
+    """NGFF ``multiscales`` (without the version, which :func:`ngff_attributes` adds for 0.4)."""
     units = units or {}
     axis_meta = []
     for axis in axes:
@@ -124,7 +196,7 @@ def multiscales(axes: str, scale: Sequence[float], name: str, units: Mapping[str
         axis_meta.append(meta)
     if datasets is None:
         datasets = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(map(float, scale))}]}]
-    multiscale = {"version": NGFF_VERSION, "name": name, "axes": axis_meta, "datasets": datasets}
+    multiscale = {"name": name, "axes": axis_meta, "datasets": datasets}
     if method:
         multiscale.update(method)
     return [multiscale]
@@ -151,25 +223,28 @@ class _Writer:
 
 def create_image(root: Path | zarr.Group, axes: str, shape, dtype, scale, chunks, name, attributes=None,
                   units=None, *, path: str = "0", write_empty_chunks: bool = False,
-                  compressor: numcodecs.abc.Codec = COMPRESSOR) -> tuple[zarr.Group, zarr.Array]:
-    """An empty OME-Zarr image (NGFF 0.4, zarr v2): array ``path`` of a group at ``root``, with
-    the multiscales metadata of one level and ``attributes``. Chunks default to
-    :func:`default_chunks`; chunk keys use ``/``."""
-    group = root if isinstance(root, zarr.Group) else zarr.open_group(root, mode="w", zarr_format=2)
+                  compressor: numcodecs.abc.Codec = COMPRESSOR, format: str = DEFAULT_FORMAT, shards=None,
+                  image_label: dict | None = None) -> tuple[zarr.Group, zarr.Array]:
+    """An empty OME-Zarr image in ``format``: array ``path`` of a group at ``root`` (whose format
+    wins when it is a group), with the multiscales metadata of one level, ``image_label`` (an
+    NGFF label image's ``image-label`` without version) and our ``attributes``. Chunks default
+    to :func:`default_chunks`."""
+    group = root if isinstance(root, zarr.Group) else new_group(root, format)
     chunks = tuple(chunks) if chunks is not None else default_chunks(axes, shape)
-    array = group.create_array(path, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                               compressors=compressor, fill_value=0,
-                               chunk_key_encoding={"name": "v2", "separator": "/"},
-                               config={"write_empty_chunks": write_empty_chunks})
-    group.attrs.update({"multiscales": multiscales(axes, scale, name, units), **(attributes or {})})
+    array = create_array(group, path, axes=axes, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                         compressor=compressor, write_empty_chunks=write_empty_chunks)
+    group.attrs.update({**ngff_attributes(group_format(group), multiscales=multiscales(axes, scale, name, units),
+                                          image_label=image_label), **(attributes or {})})
     return group, array
 
 
 @contextlib.contextmanager
 def atomic_image(target: str | Path, axes: str, shape: Sequence[int], *, dtype, scale: Sequence[float],
-                 chunks: Sequence[int] | None = None, attributes: dict | None = None) -> Iterator[_Writer]:
+                 chunks: Sequence[int] | None = None, attributes: dict | None = None, format: str = DEFAULT_FORMAT,
+                 shards: Sequence[int] | None = None, image_label: dict | None = None) -> Iterator[_Writer]:
     """Create an OME-Zarr image at a temporary path; publish it at ``target`` on success."""
     target = Path(target)
     with atomic_directory(target) as tmp:
-        _, array = create_image(tmp, axes, shape, dtype, scale, chunks, target.name, attributes)
+        _, array = create_image(tmp, axes, shape, dtype, scale, chunks, target.name, attributes, format=format,
+                                shards=shards, image_label=image_label)
         yield _Writer(array, axes)

@@ -397,14 +397,16 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
 
 
 def create_output(path: Path, model: UNet, layout: Layout, dtype: str, name: str, attributes: dict) -> None:
-    """The empty probability image: the image's axes and one channel per class, chunk = block."""
+    """The empty probability image in the input image's format: the image's axes and one channel
+    per class, chunk = block. A block is one worker's unit of writing, so in NGFF 0.5 it is not
+    sharded further: two workers never write one chunk or shard."""
     image = layout.image
     out_axes = io.canonical_axes(set(image.axes) | {"c"})
     out_shape = [model.n_classes if a == "c" else image.shape[image.axes.index(a)] for a in out_axes]
     chunks = [model.n_classes if a == "c" else 1 if a in layout.loop_axes else layout.block_shape[layout.spatial.index(a)]
               for a in out_axes]
     io.create_image(path, out_axes, out_shape, dtype, image.scale_for(out_axes), chunks, name, attributes,
-                     compressor=io.FAST_COMPRESSOR)
+                    compressor=io.FAST_COMPRESSOR, format=image.format)
 
 
 def _read_fingerprint(partial: Path) -> dict | None:

@@ -15,7 +15,7 @@ import zarr
 
 from . import io
 
-__all__ = ["Level", "pyramid_factors", "plan_levels", "write_image", "PYRAMID_MIN_SIZE"]
+__all__ = ["Level", "pyramid_factors", "plan_levels", "write_image", "PYRAMID_MIN_SIZE", "level_shards"]
 
 _LOG = logging.getLogger(__name__)
 # Levels are added until the smallest yx axis would drop below this.
@@ -314,13 +314,20 @@ _METHODS = {
 
 def write_image(group: zarr.Group, source, axes: str, levels: list[Level], scale, units, name: str, *,
                  method: str, attributes: dict, write_empty_chunks: bool,
-                 check: Callable[[np.ndarray], None] | None = None) -> None:
-    """Create the arrays of ``levels`` in ``group`` and stream ``source`` into them."""
+                 check: Callable[[np.ndarray], None] | None = None, shards: Sequence[int] | None = None,
+                 image_label: dict | None = None) -> None:
+    """Create the arrays of ``levels`` in ``group`` and stream ``source`` into them.
+
+    In a zarr v3 group (NGFF 0.5) the arrays are sharded: ``shards`` (NGFF order, cut to each
+    level's shape and rounded up to its chunks), or each level's block, so that every block is
+    written as whole shards. One thread writes, block after block: a shard is never written by
+    two writers at once.
+    """
+    sharded = group.metadata.zarr_format == 3
     for level in levels:
-        level.array = group.create_array(level.path, shape=level.shape, dtype=source.dtype, chunks=level.chunks,
-                                         compressors=io.COMPRESSOR, fill_value=0,
-                                         chunk_key_encoding={"name": "v2", "separator": "/"},
-                                         config={"write_empty_chunks": write_empty_chunks})
+        level.array = io.create_array(group, level.path, axes=axes, shape=level.shape, dtype=source.dtype,
+                                      chunks=level.chunks, shards=level_shards(level, shards) if sharded else None,
+                                      write_empty_chunks=write_empty_chunks)
     order = [source.axes.index(a) for a in axes]
     inverse = [axes.index(a) for a in source.axes]
 
@@ -330,9 +337,19 @@ def write_image(group: zarr.Group, source, axes: str, levels: list[Level], scale
 
     _PyramidWriter(levels, read, source.dtype, method, check).run()
     group.attrs.update({
-        "multiscales": io.multiscales(axes, scale, name, units, _datasets(levels, axes, scale, method),
-                                      _METHODS[method] if len(levels) > 1 else None),
+        **io.ngff_attributes(io.group_format(group), multiscales=io.multiscales(
+            axes, scale, name, units, _datasets(levels, axes, scale, method), _METHODS[method] if len(levels) > 1
+            else None), image_label=image_label),
         **attributes,
     })
+
+
+def level_shards(level: Level, shards: Sequence[int] | None) -> tuple[int, ...]:
+    """The shard shape of a level: ``shards`` or the level's block, within the level's shape,
+    rounded up to whole chunks."""
+    wanted = shards if shards is not None else level.block
+    if len(wanted) != len(level.shape):
+        raise ValueError(f"shards {tuple(wanted)} do not fit the {len(level.shape)} axes of the image")
+    return tuple(-(-min(s, n) // c) * c for s, n, c in zip(wanted, level.shape, level.chunks))
 
 

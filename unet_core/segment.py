@@ -196,9 +196,15 @@ def interior_watershed(foreground: np.ndarray, seeds: np.ndarray | None = None, 
 
 def _relabel_blockwise(array, selection, keep: np.ndarray) -> None:
     """Map the labels of ``array[selection]`` through ``keep`` (old id -> new id), chunk by chunk."""
-    view = da.from_zarr(array)[selection]
+    view = da.from_zarr(array, chunks=io.write_regions(array))[selection]
     mapped = view.map_blocks(lambda block: keep[block], dtype=np.uint32)
     da.store(mapped, array, regions=selection, lock=False)
+
+
+def _store(labels: da.Array, array, selection) -> None:
+    """``array[selection] = labels`` in parallel, each task writing whole chunks (or shards)."""
+    regions = [size for size, index in zip(io.write_regions(array), selection) if isinstance(index, slice)]
+    da.store(labels.rechunk(regions), array, regions=selection, lock=False)
 
 
 def _check_settings(method: str, threshold: float, seed_threshold: float, min_relative_size: float) -> None:
@@ -272,12 +278,12 @@ def segment_image(probabilities_path: str | Path, output_path: str | Path, *,
                              "segment.method 'components', which works blockwise")
     settings = {**_recorded_settings(method, threshold=threshold, seed_threshold=seed_threshold, sigma=sigma, h=h),
                 "name": method, "min_size": min_size, "min_relative_size": min_relative_size, "model_ndim": ndim}
-    attributes = {"image-label": {"version": io.NGFF_VERSION, "source": {"image": str(probabilities_path)}},
-                  "unet_core": settings}
     structure = ndimage.generate_binary_structure(len(spatial), 1)
     source = da.from_zarr(probs.array)
+    # in the probabilities' format; concurrent writes go shard by shard (io.write_regions)
     with io.atomic_image(output_path, axes, shape, dtype="uint32", scale=probs.scale_for(axes), chunks=chunks,
-                         attributes=attributes) as out:
+                         attributes={"unet_core": settings}, format=probs.format,
+                         image_label={"source": {"image": str(probabilities_path)}}) as out:
         positions = list(itertools.product(*[range(probs.shape[probs.axes.index(a)]) for a in loop_axes]))
         unit = "volume" if method == "watershed" and len(spatial) == 3 else "plane"
         for position in tqdm(positions, desc=f"segment {Path(probabilities_path).name}", unit=unit):
@@ -295,7 +301,7 @@ def segment_image(probabilities_path: str | Path, output_path: str | Path, *,
                 # Threshold before indexing: dask-image's label fails on a graph that starts with an
                 # integer index into a zarr-backed array (dask 2026.8); the chunks read are the same.
                 labels, _ = dask_label((source > threshold * scale)[index], structure=structure)
-            da.store(labels.astype(np.uint32), out.array, regions=selection, lock=False)
+            _store(labels.astype(np.uint32), out.array, selection)
             _drop_small(out.array, selection, min_size)
     return Path(output_path)
 

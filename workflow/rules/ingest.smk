@@ -13,5 +13,7 @@ rule ingest:
         axes=stack_axes,
         chunks=config["ingest"]["chunks"],
         subset=stack_subset,
+        format=config["ingest"]["format"],
+        shards=config["ingest"]["shards"],
     script:
         "../scripts/ingest.py"

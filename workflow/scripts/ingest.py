@@ -14,6 +14,8 @@ def main(snakemake):
             axes=snakemake.params.axes,
             chunks=snakemake.params.chunks,
             subset=snakemake.params.subset,
+            format=snakemake.params.format,
+            shards=snakemake.params.shards,
         )
 
 
