@@ -46,7 +46,7 @@ FUNCTION_LINES = 80
 # The three entry points of a stage below carry their parameter documentation (numpy style, 35 to
 # 48 lines); their code is under 55 lines each.
 LONG_FUNCTIONS = {
-    ("ingest", "ingest"): 94, ("report", "write_report"): 97, ("predict", "predict_image"): 92,
+    ("ingest", "ingest"): 94, ("report", "write_report"): 97, ("predict", "predict_image"): 90,
 }
 
 

@@ -82,7 +82,7 @@ def test_command_line_defaults_are_the_schema_defaults():
     for command, argv in (("predict", ["--model", "m", "--input", "i", "--output", "o"]),
                           ("plan", ["--model", "m", "--input", "i"])):
         options = _option_defaults(command, argv)
-        for key in ("tta", "planewise", "batch_size", "dtype") + (("scheduler",) if command == "predict" else ()):
+        for key in ("tta", "planewise", "batch_size", "dtype", "precision") + (("scheduler",) if command == "predict" else ()):
             assert options[key] == defaults.default("predict", key), f"unet-core {command} --{key}"
     weight_map = _option_defaults("weight-map", ["in", "out"])
     assert (weight_map["w0"], weight_map["sigma"], weight_map["labels"]) == tuple(

@@ -67,6 +67,32 @@ def test_export_target_writes_a_package_that_passes_the_bioimageio_test(workdir,
     assert summary.status == "passed", summary.format()
 
 
+@pytest.mark.slow
+def test_the_demo_runs_in_bf16_within_the_stated_bound_of_fp32(workdir, tmp_path):
+    """predict.precision: bf16 through the whole demo (CPU autocast): only prediction and what
+    follows it rerun, and the probabilities stay within the bound of tests/test_precision.py."""
+    import shutil
+
+    import numpy as np
+    from test_precision import BF16_MAX, BF16_MEAN
+
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work, symlinks=True)
+    override = tmp_path / "bf16.yaml"
+    override.write_text("predict: {precision: bf16}\n")
+    run = _snakemake(work, "--profile", "profiles/local", "--cores", "2", "--configfile", "config/config.yaml",
+                     str(override))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rule train:" not in run.stderr and "rule predict:" in run.stderr
+    for path in sorted((workdir / "results" / "predictions").glob("*.ome.zarr")):
+        exact = zarr.open_group(path, mode="r")["0"][...].astype(np.float32)
+        half_group = zarr.open_group(work / "results" / "predictions" / path.name, mode="r")
+        assert half_group.attrs["unet_core"]["precision"] == "bf16"
+        difference = np.abs(half_group["0"][...].astype(np.float32) - exact)
+        assert difference.max() <= BF16_MAX and difference.mean() <= BF16_MEAN, path.name
+    assert json.loads((work / "results" / "report" / "summary.json").read_text())["complete"]
+
+
 def test_lint_and_format(repo):
     lint = _snakemake(repo, "--lint")
     assert lint.returncode == 0, lint.stdout + lint.stderr

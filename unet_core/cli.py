@@ -78,7 +78,7 @@ def _predict(args) -> None:
         raise SystemExit("error: --slurm needs --scheduler slurm")
     summary = predict_image(args.model, args.input, args.output, block_shape=args.block, tile_shape=args.tile,
                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                            planewise=args.planewise, scheduler=args.scheduler, slurm=slurm)
+                            planewise=args.planewise, scheduler=args.scheduler, slurm=slurm, precision=args.precision)
     print(f"{args.output}: {summary['computed']} of {summary['blocks']} blocks computed, "
           f"{summary['reused']} reused from an interrupted run")
 
@@ -87,7 +87,7 @@ def _plan(args) -> None:
     from .plan import plan_prediction
     plan = plan_prediction(args.model, args.input, workers=args.workers, block_shape=args.block, tile_shape=args.tile,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                           planewise=args.planewise)
+                           planewise=args.planewise, precision=args.precision)
     print(plan.text())
 
 
@@ -207,6 +207,8 @@ def _prediction_options(p) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--dtype", default=default("predict", "dtype"), choices=choices("predict", "dtype"),
                    help="stored probability type")
+    p.add_argument("--precision", default=default("predict", "precision"), choices=choices("predict", "precision"),
+                   help="arithmetic of the forward passes: auto = bf16 on a CUDA GPU that has it, else fp32")
 
 
 def _predict_parsers(sub) -> None:

@@ -8,6 +8,7 @@ result equals whole-image prediction (Fig. 2 of Ronneberger et al. 2015).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -15,10 +16,33 @@ import numpy as np
 import torch
 
 from .cost import default_tile_shape
+from .defaults import choices
 from .model import UNet
 from .tiling import read_reflected, tile_origins
 
-__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format"]
+__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format",
+           "resolve_precision", "PRECISIONS"]
+
+PRECISIONS = choices("predict", "precision")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for ``device``: ``auto`` is bf16 on a CUDA GPU that
+    supports it and fp32 otherwise (on a CPU bf16 is slower than fp32 without AMX)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    """Mixed precision for the forward pass (softmax and the result stay float32)."""
+    if precision in ("fp32", "auto"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
 
 
 def memory_format(ndim: int) -> torch.memory_format:
@@ -44,18 +68,18 @@ def _transforms(ndim: int):
     return [(lambda t, f=flip: t.flip(f) if f else t, lambda t, f=flip: t.flip(f) if f else t) for flip in flips]
 
 
-def forward_probabilities(model: UNet, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Softmax probabilities of a batch, optionally averaged over test-time augmentations."""
+def forward_probabilities(model: UNet, x: torch.Tensor, tta: bool, precision: str = "fp32") -> torch.Tensor:
+    """Softmax probabilities (float32) of a batch, optionally averaged over test-time
+    augmentations; the forward passes in ``precision`` (``fp32``, ``bf16`` or ``fp16``)."""
     layout = memory_format(model.ndim)
-    if not tta:
-        return torch.softmax(model(x.contiguous(memory_format=layout)).float(), dim=1)
+    pairs = _transforms(model.ndim) if tta else [(lambda t: t, lambda t: t)]
     total = None
-    pairs = _transforms(model.ndim)
     for forward, inverse in pairs:
-        y = torch.softmax(model(forward(x).contiguous(memory_format=layout)).float(), dim=1)
-        y = inverse(y)
+        with _autocast(precision, x.device):
+            logits = model(forward(x).contiguous(memory_format=layout))
+        y = inverse(torch.softmax(logits.float(), dim=1))
         total = y if total is None else total + y
-    return total / len(pairs)
+    return total if len(pairs) == 1 else total / len(pairs)
 
 
 def predict_tiled(
@@ -65,6 +89,7 @@ def predict_tiled(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     tta: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Class probabilities of ``image`` by the paper's overlap-tile strategy.
 
@@ -84,6 +109,9 @@ def predict_tiled(
     tta : bool
         Test-time augmentation: average the probabilities over flips and 90-degree
         rotations of each input tile (8 in 2D; 8 flips in 3D), as the paper did.
+    precision : str
+        ``fp32`` (exact: equals whole-image prediction), ``bf16``, ``fp16`` or ``auto``
+        (:func:`resolve_precision`).
 
     Returns
     -------
@@ -113,7 +141,7 @@ def predict_tiled(
     model.eval().to(device=device, memory_format=memory_format(model.ndim))
     padded = read_reflected(image, *padded_region(model, (0,) * len(spatial), spatial, tile))
     return predict_padded(model, padded.astype(np.float32, copy=False), spatial, tile, batch_size=batch_size,
-                          device=device, tta=tta)
+                          device=device, tta=tta, precision=resolve_precision(precision, device))
 
 
 def padded_region(model: UNet, origin: Sequence[int], size: Sequence[int],
@@ -126,24 +154,59 @@ def padded_region(model: UNet, origin: Sequence[int], size: Sequence[int],
     return [o - margin for o in origin], [o + r + margin for o, r in zip(origin, reach)]
 
 
+class _Uploads:
+    """Host batches to the device. On CUDA: from pinned memory, non-blocking, on a side stream,
+    so that the next batch is copied while the current one computes. Elsewhere: a plain copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, host: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(host)
+        if self.stream is None:
+            return tensor.to(self.device)
+        with torch.cuda.stream(self.stream):
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def ready(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` usable on the current stream (its copy finished)."""
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            tensor.record_stream(current)
+        return tensor
+
+
 def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: Sequence[int], *,
-                   batch_size: int = 1, device: torch.device | str = "cpu", tta: bool = False) -> np.ndarray:
+                   batch_size: int = 1, device: torch.device | str = "cpu", tta: bool = False,
+                   precision: str = "fp32") -> np.ndarray:
     """Probabilities ``(n_classes, *size)`` of a region from its input with context.
 
     ``padded`` is the float32 input ``(C, *spatial)`` of :func:`padded_region` (real
     neighbouring context, mirrored only at the image border); ``model`` is in eval mode on
-    ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass.
+    ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass,
+    in ``precision`` (fp32, bf16 or fp16; see :func:`resolve_precision`). On CUDA the next
+    batch is uploaded while the current one computes.
     """
-    size, tile = tuple(size), tuple(tile)
+    size, tile, device = tuple(size), tuple(tile), torch.device(device)
     result = np.empty((model.n_classes, *size), np.float32)
     tile_in = model.input_shape_for(tile)
     origins = tile_origins(size, tile, 2**model.depth)
+    batches = [origins[first:first + batch_size] for first in range(0, len(origins), batch_size)]
+
+    def inputs(batch) -> np.ndarray:
+        return np.stack([padded[(slice(None),) + tuple(slice(o, o + i) for o, i in zip(org, tile_in))]
+                         for org in batch])
+
+    uploads = _Uploads(device)
     with torch.inference_mode():
-        for first in range(0, len(origins), batch_size):
-            batch = origins[first:first + batch_size]
-            inputs = np.stack([padded[(slice(None),) + tuple(slice(o, o + i) for o, i in zip(org, tile_in))]
-                               for org in batch])
-            probs = forward_probabilities(model, torch.from_numpy(inputs).to(device), tta).cpu().numpy()
+        pending = uploads.start(inputs(batches[0])) if batches else None
+        for k, batch in enumerate(batches):
+            current = uploads.ready(pending)
+            if k + 1 < len(batches):
+                pending = uploads.start(inputs(batches[k + 1]))
+            probs = forward_probabilities(model, current, tta, precision).cpu().numpy()
             for org, p in zip(batch, probs):
                 keep = tuple(slice(0, min(t, s - o)) for o, t, s in zip(org, tile, size))
                 result[(slice(None),) + tuple(slice(o, o + k.stop) for o, k in zip(org, keep))] = \

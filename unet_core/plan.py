@@ -33,6 +33,7 @@ from .checkpoint import load_model
 from .cost import architecture, default_tile_shape, walk
 from .defaults import default
 from .normalize import Normalization, normalization_table
+from .overlap_tile import resolve_precision
 from .predict import Job, block_layout, create_output, probability_scale, run_blocks
 from .tiling import axis_origins
 
@@ -120,6 +121,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
                     block_shape=None, tile_shape=None, batch_size: int = default("predict", "batch_size"),
                     device: str | None = None, dtype: str = default("predict", "dtype"),
                     tta: bool = default("predict", "tta"), planewise: bool = default("predict", "planewise"),
+                    precision: str = default("predict", "precision"),
                     calibration_blocks: int = _CALIBRATION_BLOCKS) -> Plan:
     """Blocks, bytes and expected wall time of ``predict_image`` with these settings.
 
@@ -130,6 +132,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
     scale = probability_scale(dtype)
     model_path, image_path = Path(model_path), Path(image_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(precision, device)
     started = time.perf_counter()
     model, checkpoint = load_model(model_path, "cpu")
     layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
@@ -149,7 +152,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         create_output(output, model, layout, dtype, output.name, {})
         (output / ".blocks").mkdir()
         job = Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
-                   layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "")
+                   layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "", precision)
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
         # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
         # interval between computed blocks: the pipeline's steady state. Its first read and last

@@ -38,7 +38,7 @@ from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, fo
 from .model import UNet
 from .defaults import choices, default
 from .normalize import Normalization, NormalizationTable, normalization_table
-from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
+from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled, resolve_precision
 from .tiling import read_reflected
 
 # predict_tiled, default_tile_shape, forward_memory, load_model and CPU_MEMORY_BUDGET live in
@@ -116,6 +116,7 @@ class Job:
     scale: float
     tta: bool
     model_sha256: str = ""
+    precision: str = "fp32"
 
     def block_region(self, block_id: int) -> tuple[dict, tuple[int, ...], tuple[int, ...]]:
         position = np.unravel_index(block_id, self.loop_shape + self.block_grid)
@@ -191,7 +192,7 @@ def _pipeline(job: Job, block_ids: list[int], log: blocklog.TaskLog, progress) -
             if index + _READ_AHEAD < len(block_ids):
                 reads.append(reader.submit(read_block_input, job, image, block_ids[index + _READ_AHEAD], model))
             probs = predict_padded(model, padded, size, tile, batch_size=job.batch_size, device=job.device,
-                                   tta=job.tta)
+                                   tta=job.tta, precision=job.precision)
             writes.append(writer.submit(write, where, origin, size, probs, block_id))
             while len(writes) > _WRITE_BEHIND:
                 writes.popleft().result()
@@ -220,6 +221,7 @@ def predict_image(
     tta: bool = default("predict", "tta"),
     planewise: bool = default("predict", "planewise"),
     scheduler: str = default("predict", "scheduler"),
+    precision: str = default("predict", "precision"),
     partitions: int | None = None,
     slurm: dict | None = None,
 ) -> dict:
@@ -235,6 +237,7 @@ def predict_image(
     tile_shape : output tile inside a block; None = fast default for the device.
     dtype : ``float16``, ``float32`` or ``uint8`` (probability x 255).
     tta : average over flips/rotations (test-time augmentation).
+    precision : ``fp32`` (exact), ``bf16``, ``fp16``, or ``auto`` (bf16 on a CUDA GPU that has it).
     planewise : allow a 2D model on an image with a z axis (predicted slice by slice).
     scheduler : ``synchronous``, ``threads`` or ``processes`` (dask's local schedulers),
         ``distributed`` to use the current ``dask.distributed`` client, or ``slurm`` to start
@@ -260,19 +263,15 @@ def predict_image(
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(model_path, "cpu")
-    scale = probability_scale(dtype)
-    if scheduler not in choices("predict", "scheduler"):
-        raise ValueError(f"scheduler must be one of {', '.join(choices('predict', 'scheduler'))}, got {scheduler!r}")
-    if scheduler == "slurm":
-        from .cluster import SlurmSettings
-
-        slurm_settings = SlurmSettings.from_config(slurm)
+    scale, precision = probability_scale(dtype), resolve_precision(precision, device)
+    slurm_settings = _slurm_settings(scheduler, slurm)
     layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
     image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
     loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
     table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
     settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype, "tta": tta,
-                "normalization": hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest()}
+                "normalization": hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest(),
+                **({"precision": precision} if precision != "fp32" else {})}  # fp32 runs before precisions resume
     fingerprint = _fingerprint(model_path, image, settings)
     partial = output_path.parent / f".{output_path.name}.partial"
     remove_stale(output_path)  # a folder renamed aside by a killed publish (file systems that cannot exchange)
@@ -281,14 +280,14 @@ def predict_image(
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
                       "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
-                      **_tile_record(layout, tile_shape, device),
+                      "precision": precision, **_tile_record(layout, tile_shape, device),
                       **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
         _start_partial(partial, fingerprint, model, layout, dtype, output_path.name, provenance)
     total = layout.blocks
     todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
                block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, table, scale, tta,
-               fingerprint["model_sha256"])
+               fingerprint["model_sha256"], precision)
     desc = f"predict {image_path.name}"
     if scheduler == "slurm":
         from .cluster import slurm_client
@@ -299,6 +298,17 @@ def predict_image(
         _schedule(job, todo, scheduler, partitions, desc)
     _publish(partial, output_path, total)
     return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+
+
+def _slurm_settings(scheduler: str, slurm: dict | None):
+    """The worker jobs of the slurm scheduler (None for the others); checks the scheduler."""
+    if scheduler not in choices("predict", "scheduler"):
+        raise ValueError(f"scheduler must be one of {', '.join(choices('predict', 'scheduler'))}, got {scheduler!r}")
+    if scheduler != "slurm":
+        return None
+    from .cluster import SlurmSettings
+
+    return SlurmSettings.from_config(slurm)
 
 
 def _start_partial(partial: Path, fingerprint: dict, model, layout: Layout, dtype: str, name: str,

@@ -24,5 +24,6 @@ rule predict:
         planewise=config["predict"]["planewise"],
         batch_size=config["predict"]["batch_size"],
         dtype=config["predict"]["dtype"],
+        precision=config["predict"]["precision"],
     script:
         "../scripts/predict.py"

@@ -19,6 +19,7 @@ def main(snakemake):
             tile_shape=tuple(tile) if tile else None,
             batch_size=snakemake.params.batch_size,
             dtype=snakemake.params.dtype,
+            precision=snakemake.params.precision,
             tta=snakemake.params.tta,
             planewise=snakemake.params.planewise,
             scheduler=scheduler,

@@ -1,0 +1,152 @@
+"""Benchmark: prediction throughput, model only and zarr -> zarr, fp32 against bf16, same run.
+
+For a 2D U-Net (the paper's: 64 features, depth 4) and a 3D U-Net (32 features, depth 4 on a
+GPU; smaller on a CPU, where the paper sizes take minutes per block), with random weights, on
+a synthetic uint16 OME-Zarr volume:
+
+- model only: every block's normalised input with context is read first (untimed), each
+  block shape is run once (warm-up: kernels are chosen per shape), then the tile loop
+  (``predict_padded``: uploads, forward passes, softmax, back to the host) is timed block by
+  block;
+- zarr -> zarr: ``predict_image`` end to end (statistics, reads, forward passes, writes),
+  timed after a warm-up run of the same call.
+
+Throughput is unique output voxels per second. Printed per model and precision: both rates,
+zarr -> zarr / model only (how much of the model's speed the pipeline keeps), bf16 / fp32, and
+the largest difference of the bf16 probabilities to the fp32 ones. Runs on a CPU too (the
+default there is smaller; a bf16 CPU pass needs AVX512-BF16 or AMX to be fast).
+
+Usage: python bench/gpu.py [--device cuda] [--precisions fp32 bf16] [--only 2d|3d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (features, depth, volume shape z y x, block) per model and device kind
+SIZES = {
+    "cuda": {"2d": (64, 4, (16, 2048, 2048), None), "3d": (32, 4, (256, 512, 512), None)},
+    "cpu": {"2d": (64, 4, (2, 768, 768), None), "3d": (8, 3, (128, 256, 256), None)},
+}
+
+
+def _volume(path: Path, shape) -> None:
+    from scipy import ndimage
+
+    from unet_core import io
+
+    rng = np.random.default_rng(0)
+    data = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 2)
+    data = 300 + 3000 * (data - data.min()) / (data.max() - data.min()) + rng.normal(0, 30, shape)
+    _, array = io.create_image(path, "zyx", shape, "uint16", [1.0] * 3, None, path.name)
+    array[...] = data.clip(0, 65535).astype(np.uint16)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_only(model_path: Path, image_path: Path, device: str, precision: str, planewise: bool) -> float:
+    """Seconds of the tile loop over every block (inputs read beforehand)."""
+    from unet_core import io
+    from unet_core.checkpoint import load_model
+    from unet_core.normalize import Normalization, normalization_table
+    from unet_core.overlap_tile import memory_format, predict_padded
+    from unet_core.predict import Job, block_layout, read_block_input
+
+    model, checkpoint = load_model(model_path, "cpu")
+    layout = block_layout(model, model_path, image_path, None, None, device, 1, planewise)
+    image = io.open_image(image_path)
+    table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")),
+                                layout.loop_axes)
+    job = Job(str(model_path), str(image_path), "", layout.spatial, layout.loop_axes, layout.loop_shape,
+              layout.block_shape, layout.block_grid, None, 1, device, table, 1.0, False, "", precision)
+    model.eval().to(device=device, memory_format=memory_format(model.ndim))
+    inputs = [read_block_input(job, image, block, model) for block in range(layout.blocks)]
+    for _, _, size, tile, padded in {(s, t): (w, o, s, t, p) for w, o, s, t, p in inputs}.values():
+        predict_padded(model, padded, size, tile, device=device, precision=precision)  # warm-up, every shape
+    seconds = 0.0
+    for _, _, size, tile, padded in inputs:
+        _sync(device)
+        began = time.perf_counter()
+        predict_padded(model, padded, size, tile, device=device, precision=precision)
+        _sync(device)
+        seconds += time.perf_counter() - began
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--only", choices=["2d", "3d"], help="one of the two models")
+    args = parser.parse_args()
+
+    import torch
+
+    from unet_core import io
+    from unet_core.model import UNet
+    from unet_core.predict import predict_image
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(device).type
+    where = torch.cuda.get_device_name(device) if kind == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
+        work = Path(scratch)
+        for name, (features, depth, shape, _) in SIZES[kind].items():
+            if args.only and name != args.only:
+                continue
+            ndim = 2 if name == "2d" else 3
+            torch.manual_seed(0)
+            model = UNet(base_channels=features, depth=depth, ndim=ndim, dropout=0.0)
+            torch.save({"model": model.state_dict(), "architecture": model.config()}, work / f"{name}.pt")
+            image = work / f"{name}.ome.zarr"
+            _volume(image, shape)
+            voxels = int(np.prod(shape))
+            outputs = {}
+            for precision in args.precisions:
+                model_only = _model_only(work / f"{name}.pt", image, device, precision, planewise=ndim == 2)
+                for run in ("warm-up", "timed"):
+                    out = work / f"{name}-{precision}-{run}.ome.zarr"
+                    _sync(device)
+                    began = time.perf_counter()
+                    predict_image(work / f"{name}.pt", image, out, device=device, precision=precision,
+                                  planewise=ndim == 2, dtype="float32")
+                    _sync(device)
+                    end_to_end = time.perf_counter() - began
+                outputs[precision] = np.asarray(io.open_image(out).array)
+                rows.append((name, features, depth, shape, precision, voxels / model_only / 1e6,
+                             voxels / end_to_end / 1e6))
+                print(f"  {name} {precision}: model only {rows[-1][5]:.2f} MVox/s, zarr -> zarr {rows[-1][6]:.2f} "
+                      f"MVox/s", flush=True)
+            if "fp32" in outputs:
+                for precision, probs in outputs.items():
+                    if precision != "fp32":
+                        print(f"  {name} {precision}: max |p - p(fp32)| = {np.abs(probs - outputs['fp32']).max():.4f}, "
+                              f"mean {np.abs(probs - outputs['fp32']).mean():.5f}")
+
+    print("\nmodel  features depth  volume              precision  model MVox/s  zarr->zarr MVox/s  "
+          "zarr/model  vs fp32")
+    base = {r[0]: r[6] for r in rows if r[4] == "fp32"}
+    for name, features, depth, shape, precision, model_rate, zarr_rate in rows:
+        versus = f"{zarr_rate / base[name]:.3f}" if name in base else "-"
+        print(f"{name:6s} {features:8d} {depth:5d}  {str(shape):19s} {precision:9s} {model_rate:13.2f} "
+              f"{zarr_rate:18.2f} {zarr_rate / model_rate:11.3f}  {versus}")
+
+
+if __name__ == "__main__":
+    main()
