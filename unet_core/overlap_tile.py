@@ -29,7 +29,8 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``fp32``, ``bf16`` or ``fp16`` for ``device``: ``auto`` is bf16 on a CUDA GPU that
-    supports it and fp32 otherwise (on a CPU bf16 is slower than fp32 without AMX)."""
+    supports it and fp32 otherwise (on a CPU bf16 is fast only with AVX512-BF16 or AMX, and fp32
+    keeps prediction exact)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
