@@ -32,10 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (features, depth, volume shape z y x, block) per model and device kind
+# (features, depth, volume shape z y x) per model and device kind; blocks are predict's defaults
 SIZES = {
-    "cuda": {"2d": (64, 4, (16, 2048, 2048), None), "3d": (32, 4, (256, 512, 512), None)},
-    "cpu": {"2d": (64, 4, (2, 768, 768), None), "3d": (8, 3, (128, 256, 256), None)},
+    "cuda": {"2d": (64, 4, (16, 2048, 2048)), "3d": (32, 4, (256, 512, 512))},
+    "cpu": {"2d": (64, 4, (2, 768, 768)), "3d": (8, 3, (128, 256, 256))},
 }
 
 
@@ -107,7 +107,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
         work = Path(scratch)
-        for name, (features, depth, shape, _) in SIZES[kind].items():
+        for name, (features, depth, shape) in SIZES[kind].items():
             if args.only and name != args.only:
                 continue
             ndim = 2 if name == "2d" else 3
