@@ -16,9 +16,10 @@ EVERYWHERE = {"defaults"}
 ALLOWED = {
     "defaults": set(), "atomic": set(), "augment": set(), "blocklog": set(), "isbi": set(), "loss": set(), "model": set(),
     "tiling": set(), "weights": set(), "samples": set(), "snakemake_lock": set(), "cluster": set(), "demo": set(),
+    "precision": set(),
     "checkpoint": {"atomic", "model"},
     "cost": {"model", "tiling"},
-    "overlap_tile": {"cost", "model", "tiling"},
+    "overlap_tile": {"cost", "model", "precision", "tiling"},
     "metrics": {"isbi"},
     "qc": set(),
     "run_status": set(),

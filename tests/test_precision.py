@@ -7,7 +7,8 @@ import torch
 
 from unet_core import io
 from unet_core.model import UNet, valid_sizes
-from unet_core.overlap_tile import memory_format, padded_region, predict_padded, predict_tiled, resolve_precision
+from unet_core.overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
+from unet_core.precision import resolve_precision
 from unet_core.predict import predict_image
 from unet_core.tiling import read_reflected
 

@@ -8,7 +8,6 @@ result equals whole-image prediction (Fig. 2 of Ronneberger et al. 2015).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Sequence
 
@@ -16,34 +15,11 @@ import numpy as np
 import torch
 
 from .cost import default_tile_shape
-from .defaults import choices
 from .model import UNet
+from .precision import autocast, resolve_precision
 from .tiling import read_reflected, tile_origins
 
-__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format",
-           "resolve_precision", "PRECISIONS"]
-
-PRECISIONS = choices("predict", "precision")
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``fp32``, ``bf16`` or ``fp16`` for ``device``: ``auto`` is bf16 on a CUDA GPU that
-    supports it and fp32 otherwise (on a CPU bf16 is fast only with AVX512-BF16 or AMX, and fp32
-    keeps prediction exact)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def _autocast(precision: str, device: torch.device):
-    """Mixed precision for the forward pass (softmax and the result stay float32)."""
-    if precision in ("fp32", "auto"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
+__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format"]
 
 
 def memory_format(ndim: int) -> torch.memory_format:
@@ -76,7 +52,7 @@ def forward_probabilities(model: UNet, x: torch.Tensor, tta: bool, precision: st
     pairs = _transforms(model.ndim) if tta else [(lambda t: t, lambda t: t)]
     total = None
     for forward, inverse in pairs:
-        with _autocast(precision, x.device):
+        with autocast(precision, x.device):
             logits = model(forward(x).contiguous(memory_format=layout))
         y = inverse(torch.softmax(logits.float(), dim=1))
         total = y if total is None else total + y
@@ -112,7 +88,7 @@ def predict_tiled(
         rotations of each input tile (8 in 2D; 8 flips in 3D), as the paper did.
     precision : str
         ``fp32`` (exact: equals whole-image prediction), ``bf16``, ``fp16`` or ``auto``
-        (:func:`resolve_precision`).
+        (:func:`unet_core.precision.resolve_precision`).
 
     Returns
     -------
@@ -187,7 +163,7 @@ def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: S
     ``padded`` is the float32 input ``(C, *spatial)`` of :func:`padded_region` (real
     neighbouring context, mirrored only at the image border); ``model`` is in eval mode on
     ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass,
-    in ``precision`` (fp32, bf16 or fp16; see :func:`resolve_precision`). On CUDA the next
+    in ``precision`` (fp32, bf16 or fp16; see :func:`unet_core.precision.resolve_precision`). On CUDA the next
     batch is uploaded while the current one computes.
     """
     size, tile, device = tuple(size), tuple(tile), torch.device(device)

@@ -33,7 +33,7 @@ from .checkpoint import load_model
 from .cost import architecture, default_tile_shape, walk
 from .defaults import default
 from .normalize import Normalization, normalization_table
-from .overlap_tile import resolve_precision
+from .precision import resolve_precision
 from .predict import Job, block_layout, create_output, probability_scale, run_blocks
 from .tiling import axis_origins
 

@@ -38,7 +38,8 @@ from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, fo
 from .model import UNet
 from .defaults import choices, default
 from .normalize import Normalization, NormalizationTable, normalization_table
-from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled, resolve_precision
+from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
+from .precision import resolve_precision
 from .tiling import read_reflected
 
 # predict_tiled, default_tile_shape, forward_memory, load_model and CPU_MEMORY_BUDGET live in

@@ -38,7 +38,8 @@ from .defaults import choices, section
 from .loss import weighted_cross_entropy
 from .model import UNet
 from .normalize import Normalization, normalization_table
-from .overlap_tile import predict_tiled
+from .overlap_tile import memory_format as layout_of, predict_tiled
+from .precision import autocast, needs_loss_scaling, training_precision
 from .tiling import read_reflected
 from .weights import cells_of, weight_map
 
@@ -243,7 +244,7 @@ def _build(settings: TrainSettings, in_channels: int, device: torch.device):
     model = UNet(in_channels=in_channels, n_classes=settings.n_classes, base_channels=settings.base_channels,
                  depth=settings.depth, ndim=settings.ndim, dropout=settings.dropout,
                  batch_norm=settings.batch_norm).to(device)
-    memory_format = torch.channels_last if settings.ndim == 2 else torch.channels_last_3d
+    memory_format = layout_of(settings.ndim)
     model = model.to(memory_format=memory_format)
     if settings.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum)
@@ -278,6 +279,13 @@ class _StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _upload(batch, device: torch.device, memory_format: torch.memory_format):
+    """(image, target, weight) of a batch on ``device``; from the loader's pinned batches on CUDA
+    the copies run asynchronously."""
+    image, target, weight = (tensor.to(device, non_blocking=True) for tensor in batch)
+    return image.contiguous(memory_format=memory_format), target, weight
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity, log_rows) -> None:
@@ -353,20 +361,20 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(start_step, settings.steps)), batch_size=None,
         num_workers=settings.num_workers, generator=torch.Generator().manual_seed(settings.seed),
-        persistent_workers=False, prefetch_factor=4 if settings.num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if settings.num_workers else None, pin_memory=device.type == "cuda",
     )
-    use_amp = settings.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = training_precision(settings.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(precision))
     started = time.perf_counter()
     running: list[float] = []
     model.train()
     state_kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, identity=identity)
     with _StopRequest() as stop, tqdm(total=settings.steps, initial=start_step, desc="train", unit="step") as bar:
-        for step, (image, target, weight) in enumerate(loader, start=start_step + 1):
-            image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, enabled=use_amp):
+        for step, batch in enumerate(loader, start=start_step + 1):
+            image, target, weight = _upload(batch, device, memory_format)
+            with autocast(precision, device):
                 logits = model(image)
-            loss = weighted_cross_entropy(logits, target.to(device), weight.to(device))
+            loss = weighted_cross_entropy(logits, target, weight)  # in float32
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if settings.grad_clip > 0:
@@ -417,6 +425,7 @@ def _write_outputs(out_dir, model, settings, stacks, val_stacks, log_rows, secon
         "final_metrics": {k: v for k, v in log_rows[-1].items() if k.startswith("val_") or k == "loss"},
         "training_seconds": round(seconds, 1),
         "device": str(device),
+        "precision": training_precision(settings.amp, device),  # of the forward passes (train.amp)
         "exported": exported,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "reproducibility": {
