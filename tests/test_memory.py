@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from unet_core import UNet
-from unet_core.cost import (CPU_MEMORY_BUDGET, MEMORY_SAFETY, architecture, default_block_shape, default_tile_shape,
-                            forward_memory, walk)
+from unet_core.cost import (CPU_MEMORY_BUDGET, MEMORY_SAFETY, architecture, default_batch_size, default_block_shape,
+                            default_tile_shape, forward_memory, walk)
 from unet_core.tiling import tile_origins
 
 MiB = 2**20
@@ -188,6 +188,26 @@ def test_default_tile_scales_with_batch_size():
     four = default_tile_shape(model, (10**4, 10**4), "cpu", batch_size=4)
     assert math.prod(four) < math.prod(one)
     assert forward_memory(model, model.input_shape_for(four), 4) <= CPU_MEMORY_BUDGET[2]
+
+
+@pytest.mark.parametrize("ndim,tile", [(2, (92, 124)), (3, (28, 28, 36))])
+def test_default_batch_fills_the_budget_on_cuda_and_is_one_on_a_cpu(ndim, tile):
+    """The largest batch whose pass fits the budget (CUDA's estimate), capped by the region's tiles."""
+    model = UNet(base_channels=16, depth=3, ndim=ndim)
+    shape = model.input_shape_for(tile)
+    one = forward_memory(model, shape, 1, device="cuda")
+    for budget in (one // 2, one, int(3.5 * one), 40 * one):
+        batch = default_batch_size(model, tile, 12, "cuda", memory_budget=budget)
+        assert 1 <= batch <= 12
+        if batch > 1:
+            assert forward_memory(model, shape, batch, device="cuda") <= budget
+        if batch < 12 and budget >= one:
+            assert forward_memory(model, shape, batch + 1, device="cuda") > budget
+    assert default_batch_size(model, tile, 12, "cuda", memory_budget=40 * one) == 12
+    assert default_batch_size(model, tile, 12, "cuda", memory_budget=int(3.5 * one)) in (2, 3)
+    assert default_batch_size(model, tile, 12, "cpu", memory_budget=40 * one) == 1
+    with pytest.raises(ValueError, match="tiles must be >= 1"):
+        default_batch_size(model, tile, 0, "cuda")
 
 
 @pytest.mark.parametrize("ndim,depth,spatial", [(2, 4, (2048, 2048)), (2, 4, (1000, 1300)), (2, 3, (300, 70)),

@@ -203,7 +203,8 @@ def _prediction_options(p) -> None:
                    help="average over flips/rotations (8x or 16x the work)")
     p.add_argument("--planewise", action=argparse.BooleanOptionalAction, default=default("predict", "planewise"),
                    help="allow a 2D model on a z stack, slice by slice")
-    p.add_argument("--batch-size", type=int, default=default("predict", "batch_size"), help="tiles per forward pass")
+    p.add_argument("--batch-size", type=int, default=default("predict", "batch_size"),
+                   help="tiles per forward pass (default: as many as fit the memory budget on CUDA, one on a CPU)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--dtype", default=default("predict", "dtype"), choices=choices("predict", "dtype"),
                    help="stored probability type")

@@ -21,7 +21,7 @@ from .model import UNet, valid_sizes
 from .tiling import axis_origins
 
 __all__ = ["Architecture", "architecture", "walk", "forward_memory", "default_tile_shape", "default_block_shape",
-           "CPU_MEMORY_BUDGET", "CUDA_BUDGET_FRACTION", "MEMORY_SAFETY", "BLOCK_TILES"]
+           "default_batch_size", "CPU_MEMORY_BUDGET", "CUDA_BUDGET_FRACTION", "MEMORY_SAFETY", "BLOCK_TILES"]
 
 # Memory budget of one forward pass (as estimated by forward_memory) that the default tile fills.
 # On the CPU a setting: with a base-16 U-Net it allows output tiles up to about 436 px in 2D, in
@@ -247,6 +247,36 @@ def default_tile_shape(model: UNet, spatial_shape: Sequence[int], device: torch.
         f"unet_core.cost.CPU_MEMORY_BUDGET[{model.ndim}] on the CPU), lower batch_size, pass tile_shape "
         f"explicitly (predict.tile in the config), or use a model with fewer base channels or less depth"
     )
+
+
+def default_batch_size(model: UNet, tile_shape: Sequence[int], tiles: int, device: torch.device | str,
+                       memory_budget: int | None = None) -> int:
+    """Tiles per forward pass when none is given: on CUDA as many of a region's ``tiles`` as fit
+    the memory budget together (:func:`forward_memory`), at least one; on a CPU one.
+
+    On a large region the default tile alone fills the budget, so the batch is one; it grows
+    where the tiles are capped by a small block or image (a GPU runs one small tile far below its
+    throughput). On a CPU the budget is set for the caches (``CPU_MEMORY_BUDGET``: tiles beyond
+    it ran slower in a measured sweep), so a batch of tiles would leave them as a larger tile does.
+
+    >>> from unet_core.model import UNet
+    >>> model = UNet(base_channels=16, depth=3)
+    >>> default_batch_size(model, (92, 92), 9, "cpu")
+    1
+    >>> default_batch_size(model, (92, 92), 9, "cuda", memory_budget=2**40)
+    9
+    """
+    device = torch.device(device)
+    if tiles < 1:
+        raise ValueError(f"tiles must be >= 1, got {tiles}")
+    if device.type == "cpu":
+        return 1
+    budget = int(memory_budget) if memory_budget is not None else _memory_budget(model.ndim, device)
+    shape = model.input_shape_for(tuple(tile_shape))
+    batch = max(1, min(tiles, budget // forward_memory(model, shape, 1, device=device)))
+    while batch > 1 and forward_memory(model, shape, batch, device=device) > budget:
+        batch -= 1
+    return int(batch)
 
 
 @functools.lru_cache(maxsize=256)

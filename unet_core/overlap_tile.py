@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .cost import default_tile_shape
+from .cost import default_batch_size, default_tile_shape
 from .model import UNet
 from .precision import autocast, resolve_precision
 from .tiling import read_reflected, tile_origins
@@ -63,7 +63,7 @@ def predict_tiled(
     model: UNet,
     image: np.ndarray,
     tile_shape: Sequence[int] | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = 1,
     device: torch.device | str | None = None,
     tta: bool = False,
     precision: str = "fp32",
@@ -79,8 +79,9 @@ def predict_tiled(
     tile_shape : sequence of int, optional
         OUTPUT tile shape; must be a valid output shape of the model. None picks a fast
         default for the device (see :func:`default_tile_shape`).
-    batch_size : int
-        Tiles per forward pass.
+    batch_size : int or None
+        Tiles per forward pass; None: as many as fit the memory budget on CUDA, one on a CPU
+        (:func:`unet_core.cost.default_batch_size`).
     device : torch device, optional
         Default: CUDA when available, else CPU.
     tta : bool
@@ -109,12 +110,12 @@ def predict_tiled(
             f"image must be (C, *spatial) with C = {model.in_channels} and {model.ndim} spatial "
             f"axes for this model, got shape {image.shape}"
         )
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spatial = image.shape[1:]
     tile = (tuple(tile_shape) if tile_shape is not None
-            else default_tile_shape(model, spatial, device, batch_size=batch_size))
+            else default_tile_shape(model, spatial, device, batch_size=batch_size or 1))
     model.eval().to(device=device, memory_format=memory_format(model.ndim))
     padded = read_reflected(image, *padded_region(model, (0,) * len(spatial), spatial, tile))
     return predict_padded(model, padded.astype(np.float32, copy=False), spatial, tile, batch_size=batch_size,
@@ -156,20 +157,22 @@ class _Uploads:
 
 
 def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: Sequence[int], *,
-                   batch_size: int = 1, device: torch.device | str = "cpu", tta: bool = False,
+                   batch_size: int | None = 1, device: torch.device | str = "cpu", tta: bool = False,
                    precision: str = "fp32") -> np.ndarray:
     """Probabilities ``(n_classes, *size)`` of a region from its input with context.
 
     ``padded`` is the float32 input ``(C, *spatial)`` of :func:`padded_region` (real
     neighbouring context, mirrored only at the image border); ``model`` is in eval mode on
-    ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass,
-    in ``precision`` (fp32, bf16 or fp16; see :func:`unet_core.precision.resolve_precision`). On CUDA the next
-    batch is uploaded while the current one computes.
+    ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass
+    (None: :func:`unet_core.cost.default_batch_size`), in ``precision`` (fp32, bf16 or fp16;
+    :func:`unet_core.precision.resolve_precision`). On CUDA the next batch is uploaded while
+    the current one computes.
     """
     size, tile, device = tuple(size), tuple(tile), torch.device(device)
     result = np.empty((model.n_classes, *size), np.float32)
     tile_in = model.input_shape_for(tile)
     origins = tile_origins(size, tile, 2**model.depth)
+    batch_size = batch_size or default_batch_size(model, tile, len(origins), device)
     batches = [origins[first:first + batch_size] for first in range(0, len(origins), batch_size)]
 
     def inputs(batch) -> np.ndarray:

@@ -95,11 +95,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _relative_work(model, layout, tile_shape, device: str, batch_size: int) -> float:
+def _relative_work(model, layout, tile_shape, device: str, batch_size: int | None) -> float:
     """Work of all blocks in units of one full block: per block size (interior and border blocks
     differ per axis), tiles x multiply-accumulates of a pass, with the tile predict would use."""
-    grid = 2**model.depth
-    arch = architecture(model)
+    grid, arch, batch_size = 2**model.depth, architecture(model), batch_size or 1  # relative: the batch cancels
 
     def work(size):
         tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, size, device, batch_size=batch_size)
@@ -118,7 +117,7 @@ def _relative_work(model, layout, tile_shape, device: str, batch_size: int) -> f
 
 
 def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: int = 1,
-                    block_shape=None, tile_shape=None, batch_size: int = default("predict", "batch_size"),
+                    block_shape=None, tile_shape=None, batch_size: int | None = default("predict", "batch_size"),
                     device: str | None = None, dtype: str = default("predict", "dtype"),
                     tta: bool = default("predict", "tta"), planewise: bool = default("predict", "planewise"),
                     precision: str = default("predict", "precision"),

@@ -111,7 +111,7 @@ class Job:
     block: tuple[int, ...]
     block_grid: tuple[int, ...]
     tile: tuple[int, ...] | None
-    batch_size: int
+    batch_size: int | None  # None: unet_core.cost.default_batch_size per block
     device: str
     normalization: NormalizationTable
     scale: float
@@ -132,7 +132,7 @@ def read_block_input(job: Job, image, block_id: int, model: UNet):
     view = _ChannelView(image.array, image.axes, where, job.spatial)
     spatial = view.shape[1:]
     size = tuple(min(b, s - o) for b, s, o in zip(job.block, spatial, origin))
-    tile = tuple(job.tile) if job.tile else default_tile_shape(model, size, job.device, batch_size=job.batch_size)
+    tile = tuple(job.tile) if job.tile else default_tile_shape(model, size, job.device, batch_size=job.batch_size or 1)
     data = read_reflected(view, *padded_region(model, origin, size, tile)).astype(np.float32)
     return where, origin, size, tile, job.normalization.apply(data, where)
 
@@ -216,7 +216,7 @@ def predict_image(
     *,
     block_shape: Sequence[int] | None = None,
     tile_shape: Sequence[int] | None = None,
-    batch_size: int = default("predict", "batch_size"),
+    batch_size: int | None = default("predict", "batch_size"),
     device: str | None = None,
     dtype: str = default("predict", "dtype"),
     tta: bool = default("predict", "tta"),
@@ -369,8 +369,8 @@ class Layout:
         return int(np.prod(self.loop_shape + self.block_grid, dtype=np.int64))
 
 
-def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, tile_shape, device: str, batch_size: int,
-            planewise: bool) -> Layout:
+def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, tile_shape, device: str,
+                 batch_size: int | None, planewise: bool) -> Layout:
     """Check that ``model`` can predict the image and place its blocks (metadata only)."""
     image = io.open_image(image_path)
     spatial = "yx" if model.ndim == 2 else "zyx"
@@ -390,7 +390,7 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
     if tile_shape is not None:
         model.input_shape_for(tuple(tile_shape))
     if block_shape is None:
-        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size)
+        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1)
     block_shape = tuple(int(b) for b in block_shape)
     if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
         raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
@@ -398,7 +398,7 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
                          f"(two tile steps per axis)")
     if tile_shape is None:  # fails here, not in a worker, when no tile fits the memory budget
         tile = default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size or 1)
     else:
         tile = tuple(tile_shape)
     loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
