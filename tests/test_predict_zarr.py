@@ -252,3 +252,17 @@ def test_kill_while_publishing_never_leaves_the_output_missing_or_half_written(t
     predict_image(second, image_path, target, block_shape=(32, 32), dtype="float32")
     np.testing.assert_array_equal(np.asarray(io.open_image(target).array[:]), references["new"])
     assert not list(tmp_path.glob(".out.ome.zarr*"))
+
+
+def test_compiled_model_gives_the_eager_result(tmp_path):
+    """predict.compile: the blocks run through torch.compile and give the eager result (float
+    rounding at most), recorded in the provenance. Blocks of one shape: one compilation."""
+    _, path = _model_file(tmp_path / "m.pt")
+    image_path = _image(tmp_path, np.random.default_rng(7).integers(0, 4000, (96, 128)).astype(np.uint16), "YX")
+    run = dict(block_shape=(32, 64), tile_shape=(32, 32), dtype="float32", device="cpu")
+    predict_image(path, image_path, tmp_path / "eager.ome.zarr", **run)
+    predict_image(path, image_path, tmp_path / "compiled.ome.zarr", compile=True, **run)
+    eager, compiled = (io.open_image(tmp_path / f"{name}.ome.zarr") for name in ("eager", "compiled"))
+    np.testing.assert_allclose(np.asarray(compiled.array), np.asarray(eager.array), rtol=0, atol=1e-6)
+    assert compiled.attrs["unet_core"]["compiled"] is True
+    assert eager.attrs["unet_core"]["compiled"] is False

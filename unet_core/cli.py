@@ -78,7 +78,8 @@ def _predict(args) -> None:
         raise SystemExit("error: --slurm needs --scheduler slurm")
     summary = predict_image(args.model, args.input, args.output, block_shape=args.block, tile_shape=args.tile,
                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                            planewise=args.planewise, scheduler=args.scheduler, slurm=slurm, precision=args.precision)
+                            planewise=args.planewise, scheduler=args.scheduler, slurm=slurm, precision=args.precision,
+                            compile=args.compile)
     print(f"{args.output}: {summary['computed']} of {summary['blocks']} blocks computed, "
           f"{summary['reused']} reused from an interrupted run")
 
@@ -87,7 +88,7 @@ def _plan(args) -> None:
     from .plan import plan_prediction
     plan = plan_prediction(args.model, args.input, workers=args.workers, block_shape=args.block, tile_shape=args.tile,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, tta=args.tta,
-                           planewise=args.planewise, precision=args.precision)
+                           planewise=args.planewise, precision=args.precision, compile=args.compile)
     print(plan.text())
 
 
@@ -210,6 +211,8 @@ def _prediction_options(p) -> None:
                    help="stored probability type")
     p.add_argument("--precision", default=default("predict", "precision"), choices=choices("predict", "precision"),
                    help="arithmetic of the forward passes: auto = bf16 on a CUDA GPU that has it, else fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default("predict", "compile"),
+                   help="run the model through torch.compile (each tile shape compiles once)")
 
 
 def _predict_parsers(sub) -> None:

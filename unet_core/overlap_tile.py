@@ -19,12 +19,23 @@ from .model import UNet
 from .precision import autocast, resolve_precision
 from .tiling import read_reflected, tile_origins
 
-__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format"]
+__all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format", "compiled"]
 
 
 def memory_format(ndim: int) -> torch.memory_format:
     """The memory layout that models run in for prediction: channels last (2D and 3D)."""
     return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+def compiled(model: UNet) -> UNet:
+    """``model`` run through ``torch.compile`` (TorchInductor), for prediction.
+
+    The first pass of each input shape compiles (seconds to a minute); later passes of that
+    shape reuse it, so a worker compiles once per tile shape of its blocks. Results equal the
+    eager model's within float rounding (bitwise in the tests here). Needs a C++ compiler on a
+    CPU, Triton on CUDA (part of CUDA builds of torch). Measured in ``bench/gpu.py --compile``.
+    """
+    return torch.compile(model)
 
 
 def _transforms(ndim: int):

@@ -120,7 +120,7 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
                     block_shape=None, tile_shape=None, batch_size: int | None = default("predict", "batch_size"),
                     device: str | None = None, dtype: str = default("predict", "dtype"),
                     tta: bool = default("predict", "tta"), planewise: bool = default("predict", "planewise"),
-                    precision: str = default("predict", "precision"),
+                    precision: str = default("predict", "precision"), compile: bool = default("predict", "compile"),
                     calibration_blocks: int = _CALIBRATION_BLOCKS) -> Plan:
     """Blocks, bytes and expected wall time of ``predict_image`` with these settings.
 
@@ -151,7 +151,8 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         create_output(output, model, layout, dtype, output.name, {})
         (output / ".blocks").mkdir()
         job = Job(str(model_path), str(image_path), str(output), layout.spatial, layout.loop_axes, layout.loop_shape,
-                   layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "", precision)
+                   layout.block_shape, layout.block_grid, tile, batch_size, device, table, scale, tta, "", precision,
+                   compile)
         # In a worker thread, as predict_image runs its blocks (the main thread's allocator behaves
         # differently: 10-15 % slower passes, docs/predict.md). The per-block time is the median
         # interval between computed blocks: the pipeline's steady state. Its first read and last

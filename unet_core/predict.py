@@ -38,7 +38,7 @@ from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, fo
 from .model import UNet
 from .defaults import choices, default
 from .normalize import Normalization, NormalizationTable, normalization_table
-from .overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
+from .overlap_tile import compiled, memory_format, padded_region, predict_padded, predict_tiled
 from .precision import resolve_precision
 from .tiling import read_reflected
 
@@ -61,15 +61,17 @@ _LOG = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_model(path: str, device: str, sha256: str) -> UNet:
+def _cached_model(path: str, device: str, sha256: str, compile: bool = False) -> UNet:
     """One model per worker process, device and checkpoint content (tasks of a worker share it;
     a retrained checkpoint at the same path is a new key). A worker refuses a checkpoint that is
-    not the one the run started with: blocks of two models must not mix in one output."""
+    not the one the run started with: blocks of two models must not mix in one output. With
+    ``compile`` the model runs through ``torch.compile`` (:func:`compiled`)."""
     if sha256 and io.sha256_file(path) != sha256:
         raise ValueError(f"{path}: the checkpoint changed after this prediction started (sha256 is no longer "
                          f"{sha256[:12]}...); rerun predict to start over with the new model")
     model, _ = load_model(path, device)
-    return model.to(device=device, memory_format=memory_format(model.ndim))
+    model = model.to(device=device, memory_format=memory_format(model.ndim))
+    return compiled(model) if compile else model
 
 
 class _ChannelView:
@@ -118,6 +120,7 @@ class Job:
     tta: bool
     model_sha256: str = ""
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the model (once per worker and tile shape)
 
     def block_region(self, block_id: int) -> tuple[dict, tuple[int, ...], tuple[int, ...]]:
         position = np.unravel_index(block_id, self.loop_shape + self.block_grid)
@@ -161,7 +164,7 @@ def run_blocks(job: Job, task: str, block_ids, progress=None) -> dict:
 
 
 def _pipeline(job: Job, block_ids: list[int], log: blocklog.TaskLog, progress) -> None:
-    model = _cached_model(job.model_path, job.device, job.model_sha256)
+    model = _cached_model(job.model_path, job.device, job.model_sha256, job.compile)
     image = io.open_image(job.image_path)
     output = zarr.open_array(Path(job.output_path) / "0", mode="r+")
     out_axes = io.canonical_axes(set(job.loop_axes) | set(job.spatial) | {"c"})
@@ -223,6 +226,7 @@ def predict_image(
     planewise: bool = default("predict", "planewise"),
     scheduler: str = default("predict", "scheduler"),
     precision: str = default("predict", "precision"),
+    compile: bool = default("predict", "compile"),
     partitions: int | None = None,
     slurm: dict | None = None,
 ) -> dict:
@@ -230,15 +234,15 @@ def predict_image(
 
     Parameters
     ----------
-    block_shape : spatial block shape (a multiple of ``2**depth`` per axis); also the output
-        chunk shape, so no two workers ever write one chunk. Default: two tile steps per axis
-        (``2 * (tile // 2**depth) * 2**depth``, the tile being ``tile_shape`` or the default tile
-        for the image), capped by the image: a full block is covered by two tiles per axis,
-        which reach 4 px past it.
+    block_shape : spatial block shape (multiples of ``2**depth``), also the output chunk shape:
+        no two workers ever write one chunk. Default: two tile steps per axis (``2 * (tile //
+        2**depth) * 2**depth``, of ``tile_shape`` or the image's default tile), capped by the
+        image: two tiles per axis cover a full block, reaching 4 px past it.
     tile_shape : output tile inside a block; None = fast default for the device.
     dtype : ``float16``, ``float32`` or ``uint8`` (probability x 255).
     tta : average over flips/rotations (test-time augmentation).
     precision : ``fp32`` (exact), ``bf16``, ``fp16``, or ``auto`` (bf16 on a CUDA GPU that has it).
+    compile : run the model through ``torch.compile`` (each tile shape compiles once per worker).
     planewise : allow a 2D model on an image with a z axis (predicted slice by slice).
     scheduler : ``synchronous``, ``threads`` or ``processes`` (dask's local schedulers),
         ``distributed`` to use the current ``dask.distributed`` client, or ``slurm`` to start
@@ -280,15 +284,14 @@ def predict_image(
     if not resumed:
         provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
                       "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
-                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
+                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta, "compiled": compile,
                       "precision": precision, **_tile_record(layout, tile_shape, device),
                       **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
         _start_partial(partial, fingerprint, model, layout, dtype, output_path.name, provenance)
-    total = layout.blocks
-    todo = np.setdiff1d(np.arange(total, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
+    todo = np.setdiff1d(np.arange(layout.blocks, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
     job = Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
                block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, table, scale, tta,
-               fingerprint["model_sha256"], precision)
+               fingerprint["model_sha256"], precision, compile)
     desc = f"predict {image_path.name}"
     if scheduler == "slurm":
         from .cluster import slurm_client
@@ -297,8 +300,8 @@ def predict_image(
             _schedule_distributed(client, job, todo, partitions, desc, slurm_settings.maximum_workers)
     else:
         _schedule(job, todo, scheduler, partitions, desc)
-    _publish(partial, output_path, total)
-    return {"blocks": total, "computed": len(todo), "reused": total - len(todo), "resumed": resumed}
+    _publish(partial, output_path, layout.blocks)
+    return {"blocks": layout.blocks, "computed": len(todo), "reused": layout.blocks - len(todo), "resumed": resumed}
 
 
 def _slurm_settings(scheduler: str, slurm: dict | None):

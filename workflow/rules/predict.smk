@@ -14,9 +14,9 @@ rule predict:
     threads: 64
     resources:
         gpu=1,
-    # Not params: predict.scheduler and predict.slurm say who computes the blocks, not what they
-    # hold, so changing them must not rerun finished stacks (rerun-triggers include params); the
-    # script reads them from the config.
+    # Not params: predict.scheduler, predict.slurm and predict.compile say who computes the blocks
+    # and how, not what they hold, so changing them must not rerun finished stacks (rerun-triggers
+    # include params); the script reads them from the config.
     params:
         tile=config["predict"]["tile"],
         block=config["predict"]["block"],

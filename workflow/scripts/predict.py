@@ -20,6 +20,7 @@ def main(snakemake):
             batch_size=snakemake.params.batch_size,
             dtype=snakemake.params.dtype,
             precision=snakemake.params.precision,
+            compile=snakemake.config["predict"]["compile"],
             tta=snakemake.params.tta,
             planewise=snakemake.params.planewise,
             scheduler=scheduler,
