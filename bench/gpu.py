@@ -16,12 +16,16 @@ zarr -> zarr / model only (how much of the model's speed the pipeline keeps), bf
 the largest difference of the bf16 probabilities to the fp32 ones. Runs on a CPU too (the
 default there is smaller; a bf16 CPU pass needs AVX512-BF16 or AMX to be fast).
 
-Usage: python bench/gpu.py [--device cuda] [--precisions fp32 bf16] [--only 2d|3d]
+--compile adds the same runs with ``predict.compile`` (torch.compile; compiled in the untimed
+warm-ups, whose extra seconds are printed), each against the eager run of its precision.
+
+Usage: python bench/gpu.py [--device cuda] [--precisions fp32 bf16] [--only 2d|3d] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -58,12 +62,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model_only(model_path: Path, image_path: Path, device: str, precision: str, planewise: bool) -> float:
+def _model_only(model_path: Path, image_path: Path, device: str, precision: str, planewise: bool,
+                compile: bool) -> float:
     """Seconds of the tile loop over every block (inputs read beforehand)."""
     from unet_core import io
     from unet_core.checkpoint import load_model
     from unet_core.normalize import Normalization, normalization_table
-    from unet_core.overlap_tile import memory_format, predict_padded
+    from unet_core.overlap_tile import compiled, memory_format, predict_padded
     from unet_core.predict import Job, block_layout, read_block_input
 
     model, checkpoint = load_model(model_path, "cpu")
@@ -74,6 +79,7 @@ def _model_only(model_path: Path, image_path: Path, device: str, precision: str,
     job = Job(str(model_path), str(image_path), "", layout.spatial, layout.loop_axes, layout.loop_shape,
               layout.block_shape, layout.block_grid, None, 1, device, table, 1.0, False, "", precision)
     model.eval().to(device=device, memory_format=memory_format(model.ndim))
+    model = compiled(model) if compile else model
     inputs = [read_block_input(job, image, block, model) for block in range(layout.blocks)]
     for _, _, size, tile, padded in {(s, t): (w, o, s, t, p) for w, o, s, t, p in inputs}.values():
         predict_padded(model, padded, size, tile, device=device, precision=precision)  # warm-up, every shape
@@ -92,6 +98,7 @@ def main() -> None:
     parser.add_argument("--device", help="cpu or cuda[:N] (default: CUDA when available)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--only", choices=["2d", "3d"], help="one of the two models")
+    parser.add_argument("--compile", action="store_true", help="also run each precision with torch.compile")
     args = parser.parse_args()
 
     import torch
@@ -118,34 +125,37 @@ def main() -> None:
             _volume(image, shape)
             voxels = int(np.prod(shape))
             outputs = {}
-            for precision in args.precisions:
-                model_only = _model_only(work / f"{name}.pt", image, device, precision, planewise=ndim == 2)
+            for precision, compile in itertools.product(args.precisions, (False, True) if args.compile else (False,)):
+                model_only = _model_only(work / f"{name}.pt", image, device, precision, ndim == 2, compile)
+                seconds = []
                 for run in ("warm-up", "timed"):
-                    out = work / f"{name}-{precision}-{run}.ome.zarr"
+                    out = work / f"{name}-{precision}-{compile}-{run}.ome.zarr"
                     _sync(device)
                     began = time.perf_counter()
                     predict_image(work / f"{name}.pt", image, out, device=device, precision=precision,
-                                  planewise=ndim == 2, dtype="float32")
+                                  planewise=ndim == 2, dtype="float32", compile=compile)
                     _sync(device)
-                    end_to_end = time.perf_counter() - began
-                outputs[precision] = np.asarray(io.open_image(out).array)
-                rows.append((name, features, depth, shape, precision, voxels / model_only / 1e6,
-                             voxels / end_to_end / 1e6))
-                print(f"  {name} {precision}: model only {rows[-1][5]:.2f} MVox/s, zarr -> zarr {rows[-1][6]:.2f} "
-                      f"MVox/s", flush=True)
-            if "fp32" in outputs:
-                for precision, probs in outputs.items():
-                    if precision != "fp32":
-                        print(f"  {name} {precision}: max |p - p(fp32)| = {np.abs(probs - outputs['fp32']).max():.4f}, "
-                              f"mean {np.abs(probs - outputs['fp32']).mean():.5f}")
+                    seconds.append(time.perf_counter() - began)
+                outputs[precision, compile] = np.asarray(io.open_image(out).array)
+                variant = precision + (" compiled" if compile else "")
+                rows.append((name, features, depth, shape, variant, voxels / model_only / 1e6, voxels / seconds[1] / 1e6))
+                print(f"  {name} {variant}: model only {rows[-1][5]:.2f} MVox/s, zarr -> zarr {rows[-1][6]:.2f} MVox/s"
+                      + (f", compiling took {seconds[0] - seconds[1]:.0f} s" if compile else ""), flush=True)
+            for (precision, compile), probs in outputs.items():
+                if (precision, compile) != ("fp32", False) and ("fp32", False) in outputs:
+                    difference = np.abs(probs - outputs["fp32", False])
+                    print(f"  {name} {precision}{' compiled' if compile else ''}: max |p - p(fp32)| = "
+                          f"{difference.max():.4g}, mean {difference.mean():.3g}")
 
-    print("\nmodel  features depth  volume              precision  model MVox/s  zarr->zarr MVox/s  "
-          "zarr/model  vs fp32")
-    base = {r[0]: r[6] for r in rows if r[4] == "fp32"}
-    for name, features, depth, shape, precision, model_rate, zarr_rate in rows:
-        versus = f"{zarr_rate / base[name]:.3f}" if name in base else "-"
-        print(f"{name:6s} {features:8d} {depth:5d}  {str(shape):19s} {precision:9s} {model_rate:13.2f} "
-              f"{zarr_rate:18.2f} {zarr_rate / model_rate:11.3f}  {versus}")
+    print("\nmodel  features depth  volume              precision      model MVox/s  zarr->zarr MVox/s  "
+          "zarr/model  vs fp32  vs eager")
+    rate = {(r[0], r[4]): r[6] for r in rows}
+    for name, features, depth, shape, variant, model_rate, zarr_rate in rows:
+        versus = f"{zarr_rate / rate[name, 'fp32']:.3f}" if (name, "fp32") in rate else "-"
+        eager = variant.removesuffix(" compiled")
+        speedup = f"{zarr_rate / rate[name, eager]:.3f}" if variant != eager else "-"
+        print(f"{name:6s} {features:8d} {depth:5d}  {str(shape):19s} {variant:14s} {model_rate:12.2f} "
+              f"{zarr_rate:18.2f} {zarr_rate / model_rate:11.3f}  {versus:7s}  {speedup}")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,14 @@ def compiled(model: UNet) -> UNet:
     """``model`` run through ``torch.compile`` (TorchInductor), for prediction.
 
     The first pass of each input shape compiles (seconds to a minute); later passes of that
-    shape reuse it, so a worker compiles once per tile shape of its blocks. Results equal the
-    eager model's within float rounding (bitwise in the tests here). Needs a C++ compiler on a
-    CPU, Triton on CUDA (part of CUDA builds of torch). Measured in ``bench/gpu.py --compile``.
+    shape reuse it, so a worker compiles once per tile shape of its blocks (interior and border
+    blocks: at most 2**ndim shapes, twice that with 2D test-time rotations of a non-square
+    tile). Static shapes: torch 2.13's dynamic-shape lowering of the 3D transposed convolution
+    fails on a CPU. Results equal the eager model's within float rounding (bitwise in the tests
+    here). Needs a C++ compiler on a CPU, Triton on CUDA (part of CUDA builds of torch).
+    Measured in ``bench/gpu.py --compile`` (docs/predict.md).
     """
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False)
 
 
 def _transforms(ndim: int):
