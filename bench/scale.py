@@ -134,7 +134,7 @@ def _terabyte_fraction(per_block_s: float, gpu_tmacs: float) -> None:
     per_plane = math.prod(-(-side // b) for b in block)
     blocks = side * per_plane
     arch = cost.architecture(paper)
-    _, macs = cost.walk(arch, paper.input_shape_for(tile), 1, False)
+    _, macs, _ = cost.walk(arch, paper.input_shape_for(tile), 1, False)
     tiles_per_block = math.prod(len(axis_origins(b, t, grid)) for b, t in zip(block, tile))
     compute_s = blocks * tiles_per_block * macs / (gpu_tmacs * 1e12)
     overhead_s = blocks * per_block_s

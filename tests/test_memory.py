@@ -232,6 +232,22 @@ def test_default_block_is_a_multiple_of_the_tile_step(ndim, depth, spatial):
     assert computed <= 1.05 * whole  # the old 512-px blocks with 468-px tiles computed 3.34x the output
 
 
+def test_cuda_tiles_keep_every_feature_map_within_32_bit_indexing():
+    """On a GPU of 140 GiB the budget alone would give the 3D tile of a 32-feature, depth-4 U-Net a
+    first convolution of 3.1e9 elements, past which torch leaves cuDNN for a slow path: the tile
+    is capped, then the cap binds, not the budget. The walk counts the map by hand."""
+    from unet_core.cost import CUDA_MAX_MAP_ELEMENTS
+
+    model = UNet(base_channels=32, depth=4, ndim=3)
+    budget = int(140 * 2**30 * 0.25)
+    tile = default_tile_shape(model, (1000, 2048, 2048), "cuda", memory_budget=budget)
+    arch, shape = architecture(model), model.input_shape_for(tile)
+    assert walk(arch, shape, 1, False)[2] == 32 * math.prod(s - 2 for s in shape)  # the first convolution
+    assert walk(arch, shape, 1, False)[2] <= CUDA_MAX_MAP_ELEMENTS
+    assert forward_memory(model, shape, 1, device="cuda") < 0.8 * budget  # the cap binds, not the budget
+    assert default_tile_shape(model, (1000, 2048, 2048), "cpu", memory_budget=budget) != tile  # no cap on a CPU
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ndim,shape", [(2, (652, 652)), (3, (148, 148, 148))])

@@ -21,7 +21,8 @@ from .model import UNet, valid_sizes
 from .tiling import axis_origins
 
 __all__ = ["Architecture", "architecture", "walk", "forward_memory", "default_tile_shape", "default_block_shape",
-           "default_batch_size", "CPU_MEMORY_BUDGET", "CUDA_BUDGET_FRACTION", "MEMORY_SAFETY", "BLOCK_TILES"]
+           "default_batch_size", "device_memory_budget", "CPU_MEMORY_BUDGET", "CUDA_BUDGET_FRACTION",
+           "CUDA_MAX_MAP_ELEMENTS", "MEMORY_SAFETY", "BLOCK_TILES"]
 
 # Memory budget of one forward pass (as estimated by forward_memory) that the default tile fills.
 # On the CPU a setting: with a base-16 U-Net it allows output tiles up to about 436 px in 2D, in
@@ -39,6 +40,11 @@ MEMORY_SAFETY = {"cpu": 1.5, "cuda": 1.2}
 # C * S0 * S1 (channels x the first two spatial lengths) is at most this runs without oneDNN, through
 # an im2col buffer, on a C-contiguous copy of its input, into a C-contiguous output.
 _ONEDNN_MIN_ELEMENTS = 20480
+# On CUDA, no feature map of one sample may have more elements than a 32-bit index reaches:
+# beyond it torch does not hand a convolution to cuDNN (needs_64bit_indexing_no_split in ATen's
+# Convolution.cpp) but to a slow im2col path. The default 3D tile would cross it on an
+# H200-class GPU (3.1e9 elements in the first convolution of a 32-feature, depth-4 U-Net).
+CUDA_MAX_MAP_ELEMENTS = 2**31 - 1
 # Default block (= output chunk) edge in tile steps of the default tile.
 BLOCK_TILES = 2
 
@@ -68,7 +74,8 @@ def architecture(model: UNet, dtype: torch.dtype | None = None) -> Architecture:
 
 
 def walk(arch: Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> tuple:
-    """Peak elements alive and multiply-accumulates of one inference forward pass.
+    """Peak elements alive, multiply-accumulates and the elements of the largest feature map of
+    one sample (for :data:`CUDA_MAX_MAP_ELEMENTS`) of one inference forward pass.
 
     Follows :func:`unet_core.overlap_tile.forward_probabilities` and ``UNet.forward`` tensor by tensor: the input batch (and its
     channels_last copy when it has several channels) lives throughout; every skip map stays in
@@ -79,7 +86,7 @@ def walk(arch: Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> 
     Lengths may be int64 arrays (broadcast together): then both results are arrays.
     """
     n = arch.ndim
-    peak = macs = 0
+    peak = macs = largest = 0
     if any(isinstance(s, np.ndarray) for s in input_shape):
         maximum, where, both, negate, lowest = np.maximum, np.where, np.logical_and, np.logical_not, np.min
     else:  # plain Python numbers: about 10x faster than numpy scalars
@@ -87,6 +94,8 @@ def walk(arch: Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> 
         where = (lambda condition, a, b: a if condition else b)
 
     def size(t):
+        nonlocal largest
+        largest = maximum(largest, t[0] * math.prod(t[1]))
         return batch_size * t[0] * math.prod(t[1])
 
     def note(elements):
@@ -141,7 +150,7 @@ def walk(arch: Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> 
         x = block(concat, width, held + skips + size(up) + size(concat))
     logits = conv(x, arch.n_classes, 1, held + skips + size(x))
     note(held + 2 * size(logits))  # softmax
-    return peak, macs
+    return peak, macs, largest
 
 
 def _safety(device_type: str) -> float:
@@ -182,7 +191,7 @@ def forward_memory(model: UNet, input_shape: Sequence[int], batch_size: int = 1,
     device = torch.device(device)
     shape = _lengths(model, input_shape, "input_shape", batch_size)
     arch = architecture(model, dtype)
-    peak, _ = walk(arch, shape, batch_size, device.type == "cpu")
+    peak, _, _ = walk(arch, shape, batch_size, device.type == "cpu")
     return math.ceil(int(peak) * arch.itemsize * _safety(device.type))
 
 
@@ -196,7 +205,10 @@ def _lengths(model: UNet, shape: Sequence[int], name: str, batch_size: int) -> t
     return lengths
 
 
-def _memory_budget(ndim: int, device: torch.device) -> int:
+def device_memory_budget(ndim: int, device: torch.device | str) -> int:
+    """Bytes that the forward pass of a default tile may fill on ``device``: on CUDA a fraction of
+    the device's memory (``CUDA_BUDGET_FRACTION``), on a CPU ``CPU_MEMORY_BUDGET`` of ``ndim``."""
+    device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * CUDA_BUDGET_FRACTION)
     return CPU_MEMORY_BUDGET[ndim]
@@ -232,7 +244,7 @@ def default_tile_shape(model: UNet, spatial_shape: Sequence[int], device: torch.
     """
     device = torch.device(device)
     spatial = _lengths(model, spatial_shape, "spatial_shape", batch_size)
-    budget = int(memory_budget) if memory_budget is not None else _memory_budget(model.ndim, device)
+    budget = int(memory_budget) if memory_budget is not None else device_memory_budget(model.ndim, device)
     tile = _best_tile(architecture(model), spatial, device.type, budget, batch_size)
     if isinstance(tile, tuple):
         return tile
@@ -271,7 +283,7 @@ def default_batch_size(model: UNet, tile_shape: Sequence[int], tiles: int, devic
         raise ValueError(f"tiles must be >= 1, got {tiles}")
     if device.type == "cpu":
         return 1
-    budget = int(memory_budget) if memory_budget is not None else _memory_budget(model.ndim, device)
+    budget = int(memory_budget) if memory_budget is not None else device_memory_budget(model.ndim, device)
     shape = model.input_shape_for(tuple(tile_shape))
     batch = max(1, min(tiles, budget // forward_memory(model, shape, 1, device=device)))
     while batch > 1 and forward_memory(model, shape, batch, device=device) > budget:
@@ -294,10 +306,14 @@ def _best_tile(arch: Architecture, spatial: tuple[int, ...], device_type: str, b
         return math.ceil(walk(arch, inputs(tile), batch_size, cpu)[0] * factor)
 
     def beyond(tile):
-        """Whether this tile (lengths may be arrays) and every larger one exceed the budget.
+        """Whether this tile (lengths may be arrays) and every larger one exceed the budget (on CUDA:
+        or have a feature map beyond ``CUDA_MAX_MAP_ELEMENTS``).
         The CPU estimate can drop where a longer axis moves a convolution onto oneDNN; the
         estimate without those extras cannot, and bounds it from below."""
-        over = np.ceil(walk(arch, inputs(tile), batch_size, cpu)[0] * factor) > budget
+        peak, _, largest = walk(arch, inputs(tile), batch_size, cpu)
+        over = np.ceil(peak * factor) > budget
+        if not cpu:
+            over = np.logical_or(over, largest > CUDA_MAX_MAP_ELEMENTS)
         if cpu:
             over = np.logical_and(over, np.ceil(walk(arch, inputs(tile), batch_size, False)[0] * factor) > budget)
         return over
@@ -324,11 +340,11 @@ def _best_tile(arch: Architecture, spatial: tuple[int, ...], device_type: str, b
         nonlocal best
         (first, first_counts), (second, second_counts) = axes[-2:]
         rows, columns = np.asarray(first, np.int64)[:, None], np.asarray(second, np.int64)[None, :]
-        peak, macs = walk(arch, inputs(prefix + (rows, columns)), batch_size, cpu)
+        peak, macs, largest = walk(arch, inputs(prefix + (rows, columns)), batch_size, cpu)
         bytes_ = np.ceil(peak * factor).ravel()
         work = (tiles * np.asarray(first_counts, np.float64)[:, None] * np.asarray(second_counts, np.float64)[None, :]
                 * macs).ravel()
-        fits = np.flatnonzero(bytes_ <= budget)
+        fits = np.flatnonzero((bytes_ <= budget) & (cpu | (np.ravel(largest) <= CUDA_MAX_MAP_ELEMENTS)))
         if len(fits):
             i = fits[np.lexsort((bytes_[fits], work[fits]))[0]]
             key = (work[i], bytes_[i])
@@ -348,15 +364,17 @@ def _best_tile(arch: Architecture, spatial: tuple[int, ...], device_type: str, b
 
 
 def default_block_shape(model: UNet, spatial_shape: Sequence[int], device: str | torch.device,
-                         tile_shape: Sequence[int] | None = None, batch_size: int = 1) -> tuple[int, ...]:
+                         tile_shape: Sequence[int] | None = None, batch_size: int = 1,
+                         memory_budget: int | None = None) -> tuple[int, ...]:
     """``BLOCK_TILES`` tile steps per axis, capped by the image (rounded up to the pooling grid).
 
-    The tile is ``tile_shape`` or the default tile for the whole image. A tile of ``t`` advances
+    The tile is ``tile_shape`` or the default tile for the whole image (within ``memory_budget``,
+    default :func:`device_memory_budget`). A tile of ``t`` advances
     by ``step = (t // 2**depth) * 2**depth`` (``t - 4`` for depth >= 3), so a block of k steps is covered by k
     tiles per axis that overhang it by 4 px; and block origins stay on the pooling grid.
     """
     grid = 2**model.depth
-    tile = tuple(tile_shape) if tile_shape is not None else default_tile_shape(model, spatial_shape, device,
-                                                                              batch_size=batch_size)
+    tile = tuple(tile_shape) if tile_shape is not None else default_tile_shape(
+        model, spatial_shape, device, memory_budget, batch_size)
     return tuple(min(BLOCK_TILES * max((t // grid) * grid, grid), -(-s // grid) * grid)
                  for t, s in zip(tile, spatial_shape))

@@ -103,7 +103,7 @@ def _relative_work(model, layout, tile_shape, device: str, batch_size: int | Non
     def work(size):
         tile = tuple(tile_shape) if tile_shape else default_tile_shape(model, size, device, batch_size=batch_size)
         passes = math.prod(len(axis_origins(n, t, grid)) for n, t in zip(size, tile))
-        _, macs = walk(arch, model.input_shape_for(tile), batch_size, torch.device(device).type == "cpu")
+        _, macs, _ = walk(arch, model.input_shape_for(tile), batch_size, torch.device(device).type == "cpu")
         return passes * macs
 
     per_axis = []  # (length, how many blocks have it) per axis
