@@ -8,7 +8,7 @@ import torch
 from unet_core import io
 from unet_core.model import UNet, valid_sizes
 from unet_core.overlap_tile import memory_format, padded_region, predict_padded, predict_tiled
-from unet_core.precision import resolve_precision
+from unet_core.precision import autocast, resolve_precision
 from unet_core.predict import predict_image
 from unet_core.tiling import read_reflected
 
@@ -28,6 +28,17 @@ def test_auto_is_fp32_on_a_cpu_and_names_are_checked():
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("int8", "cpu")
+
+
+def test_fp32_on_cuda_is_ieee_not_tf32(monkeypatch):
+    """torch allows TF32 in cuDNN convolutions by default; the fp32 path turns it off (the flag is
+    settable without a GPU), a CPU fp32 pass leaves it alone."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with autocast("fp32", "cpu"):
+        pass
+    assert torch.backends.cudnn.allow_tf32
+    autocast("fp32", "cuda")
+    assert not torch.backends.cudnn.allow_tf32
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -91,3 +102,49 @@ def test_predict_records_the_precision_and_never_resumes_another(tmp_path, monke
     half = io.open_image(tmp_path / "b.ome.zarr")
     assert half.attrs["unet_core"]["precision"] == "bf16"
     assert 0 < np.abs(np.asarray(half.array) - np.asarray(io.open_image(out).array)).max() <= BF16_MAX
+
+
+def test_full_batches_pad_the_last_batch_and_change_nothing():
+    """full_batches (used with a compiled model): the model sees one batch shape, and the result
+    is that of the ragged batches (within float rounding: on a CPU a batch of one runs other kernels)."""
+    model = _model(ndim=2).to(memory_format=memory_format(2))
+    tile = (valid_sizes(2, kind="output", near=12)[0],) * 2
+    size = (3 * tile[0], 2 * tile[1] + 4)  # 9 tiles: batches of 4, 4 and 1
+    start, stop = padded_region(model, (0, 0), size, tile)
+    padded = read_reflected(np.random.default_rng(3).normal(size=(1, *size)).astype(np.float32), start, stop)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    full = predict_padded(model, padded, size, tile, batch_size=4, full_batches=True)
+    hook.remove()
+    ragged = predict_padded(model, padded, size, tile, batch_size=4)
+    assert {s[0] for s in shapes} == {4} and len(shapes) == 3
+    np.testing.assert_allclose(full, ragged, rtol=0, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_names_the_tile(caplog):
+    """A pass that runs out of (GPU) memory is retried with half the tiles per pass, logged, and
+    the result is that of the batch that fits; out of memory with one tile per pass names the tile."""
+    model = _model(ndim=2).to(memory_format=memory_format(2))
+    tile = (valid_sizes(2, kind="output", near=12)[0],) * 2
+    size = (3 * tile[0], 2 * tile[1])  # 6 tiles
+    start, stop = padded_region(model, (0, 0), size, tile)
+    padded = read_reflected(np.random.default_rng(4).normal(size=(1, *size)).astype(np.float32), start, stop)
+    reference = predict_padded(model, padded, size, tile, batch_size=1)
+
+    def fits(tiles):
+        def check(module, args):
+            if args[0].shape[0] > tiles:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model.register_forward_pre_hook(check)
+
+    hook = fits(2)
+    with caplog.at_level("WARNING", logger="unet_core.overlap_tile"):
+        halved = predict_padded(model, padded, size, tile, batch_size=6)  # 6 -> 3 -> 1
+    hook.remove()
+    np.testing.assert_array_equal(halved, reference)
+    assert ["with 6 tiles" in m and "again with 3" in m for m in caplog.messages] == [True, False]
+    assert "with 3 tiles" in caplog.messages[1] and "again with 1" in caplog.messages[1]
+    hook = fits(0)
+    with pytest.raises(torch.OutOfMemoryError, match=r"one output tile \(\d+, \d+\) per pass"):
+        predict_padded(model, padded, size, tile, batch_size=1)
+    hook.remove()

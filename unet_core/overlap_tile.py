@@ -9,6 +9,7 @@ result equals whole-image prediction (Fig. 2 of Ronneberger et al. 2015).
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,11 @@ from .tiling import read_reflected, tile_origins
 
 __all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format", "compiled"]
 
+_LOG = logging.getLogger(__name__)
+# Input shapes a compiled model may see (see compiled): 2**3 block shapes, times two for rotated
+# 2D tiles, times two for a tile and batch that a worker computes itself, with room to spare.
+_COMPILED_SHAPES = 64
+
 
 def memory_format(ndim: int) -> torch.memory_format:
     """The memory layout that models run in for prediction: channels last (2D and 3D)."""
@@ -31,13 +37,16 @@ def compiled(model: UNet) -> UNet:
     """``model`` run through ``torch.compile`` (TorchInductor), for prediction.
 
     The first pass of each input shape compiles (seconds to a minute); later passes of that
-    shape reuse it, so a worker compiles once per tile shape of its blocks (interior and border
-    blocks: at most 2**ndim shapes, twice that with 2D test-time rotations of a non-square
-    tile). Static shapes: torch 2.13's dynamic-shape lowering of the 3D transposed convolution
-    fails on a CPU. Results equal the eager model's within float rounding (bitwise in the tests
+    shape reuse it, so a worker compiles once per tile shape and batch of its blocks (interior
+    and border blocks: at most 2**ndim shapes, twice that with 2D test-time rotations of a
+    non-square tile; :func:`predict_padded` fills a block's last batch up to the block's batch
+    size). Static shapes: torch 2.13's dynamic-shape lowering of the 3D transposed convolution
+    fails on a CPU. Dynamo's limit of compiled shapes per function is raised to
+    ``_COMPILED_SHAPES``: past it, it would run eager without saying so. Results equal the eager model's within float rounding (bitwise in the tests
     here). Needs a C++ compiler on a CPU, Triton on CUDA (part of CUDA builds of torch).
     Measured in ``bench/gpu.py --compile`` (docs/predict.md).
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _COMPILED_SHAPES)
     return torch.compile(model, dynamic=False)
 
 
@@ -172,7 +181,7 @@ class _Uploads:
 
 def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: Sequence[int], *,
                    batch_size: int | None = 1, device: torch.device | str = "cpu", tta: bool = False,
-                   precision: str = "fp32") -> np.ndarray:
+                   precision: str = "fp32", full_batches: bool = False) -> np.ndarray:
     """Probabilities ``(n_classes, *size)`` of a region from its input with context.
 
     ``padded`` is the float32 input ``(C, *spatial)`` of :func:`padded_region` (real
@@ -180,27 +189,52 @@ def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: S
     ``device``. Tiles of ``tile`` start on the pooling grid, ``batch_size`` per forward pass
     (None: :func:`unet_core.cost.default_batch_size`), in ``precision`` (fp32, bf16 or fp16;
     :func:`unet_core.precision.resolve_precision`). On CUDA the next batch is uploaded while
-    the current one computes.
+    the current one computes. ``full_batches``: the last batch is filled up with zero tiles
+    (whose results are dropped), so that a compiled model sees one batch shape per block shape.
+    Out of memory with several tiles per pass, the region is predicted again with half as many
+    (logged); with one, the error names the tile.
     """
     size, tile, device = tuple(size), tuple(tile), torch.device(device)
-    result = np.empty((model.n_classes, *size), np.float32)
-    tile_in = model.input_shape_for(tile)
     origins = tile_origins(size, tile, 2**model.depth)
     batch_size = batch_size or default_batch_size(model, tile, len(origins), device)
+    while True:
+        try:
+            return _tile_loop(model, padded, size, tile, origins, batch_size, device, tta, precision, full_batches)
+        except torch.OutOfMemoryError as error:
+            # The estimate (unet_core.cost) leaves room, but other work may share the GPU.
+            if batch_size == 1:
+                raise torch.OutOfMemoryError(
+                    f"out of memory on {device} with one output tile {tile} per pass; set a smaller "
+                    f"predict.tile (or free the device): {error}") from error
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            _LOG.warning("out of memory on %s with %d tiles %s per pass: the block again with %d "
+                         "(predict.batch_size fixes it)", device, batch_size, tile, batch_size // 2)
+            batch_size //= 2
+
+
+def _tile_loop(model: UNet, padded: np.ndarray, size: tuple, tile: tuple, origins: list, batch_size: int,
+               device: torch.device, tta: bool, precision: str, full_batches: bool) -> np.ndarray:
+    """The forward passes of :func:`predict_padded`, ``batch_size`` tiles each."""
+    result = np.empty((model.n_classes, *size), np.float32)
+    tile_in = model.input_shape_for(tile)
     batches = [origins[first:first + batch_size] for first in range(0, len(origins), batch_size)]
 
     def inputs(batch) -> np.ndarray:
-        return np.stack([padded[(slice(None),) + tuple(slice(o, o + i) for o, i in zip(org, tile_in))]
-                         for org in batch])
+        tiles = [padded[(slice(None),) + tuple(slice(o, o + i) for o, i in zip(org, tile_in))] for org in batch]
+        if full_batches and len(tiles) < batch_size:
+            tiles += [np.zeros_like(tiles[0])] * (batch_size - len(tiles))
+        return np.stack(tiles)
 
     uploads = _Uploads(device)
     with torch.inference_mode():
         pending = uploads.start(inputs(batches[0])) if batches else None
         for k, batch in enumerate(batches):
-            current = uploads.ready(pending)
+            # Launched first: on CUDA the GPU computes while the host stacks and uploads the next batch.
+            probs = forward_probabilities(model, uploads.ready(pending), tta, precision)
             if k + 1 < len(batches):
                 pending = uploads.start(inputs(batches[k + 1]))
-            probs = forward_probabilities(model, current, tta, precision).cpu().numpy()
+            probs = probs.cpu().numpy()
             for org, p in zip(batch, probs):
                 keep = tuple(slice(0, min(t, s - o)) for o, t, s in zip(org, tile, size))
                 result[(slice(None),) + tuple(slice(o, o + k.stop) for o, k in zip(org, keep))] = \

@@ -62,8 +62,15 @@ def needs_loss_scaling(precision: str) -> bool:
 
 def autocast(precision: str, device: torch.device | str):
     """The context of a forward pass in ``precision`` on ``device`` (``fp32``: none;
-    ``bf16``/``fp16``: autocast; ``auto``: :func:`resolve_precision`)."""
+    ``bf16``/``fp16``: autocast; ``auto``: :func:`resolve_precision`).
+
+    fp32 on CUDA turns TF32 off for cuDNN in this process: torch lets cuDNN run float32
+    convolutions with TF32's 10-bit mantissa on Ampere and later GPUs by default, which would
+    make the exact reference no more precise than fp16 (about 1e-3 instead of 1e-6).
+    """
     precision = resolve_precision(precision, device)
     if precision == "fp32":
+        if torch.device(device).type == "cuda":
+            torch.backends.cudnn.allow_tf32 = False  # the legacy switch keeps its readers working
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
