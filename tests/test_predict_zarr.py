@@ -266,3 +266,46 @@ def test_compiled_model_gives_the_eager_result(tmp_path):
     np.testing.assert_allclose(np.asarray(compiled.array), np.asarray(eager.array), rtol=0, atol=1e-6)
     assert compiled.attrs["unet_core"]["compiled"] is True
     assert eager.attrs["unet_core"]["compiled"] is False
+
+
+def test_a_cluster_worker_decides_device_tile_and_precision(tmp_path, monkeypatch):
+    """On a cluster the head (often a CPU node) asks a worker for its device, memory budget and
+    precision, and places the blocks and tiles with them: here a worker that answers a budget
+    of 1 MiB and bf16, which the head, asked itself, would not (160 MiB, fp32)."""
+    from unet_core import predict
+
+    model, path = _model_file(tmp_path / "m.pt")
+    image_path = _image(tmp_path, np.random.default_rng(7).integers(0, 255, (96, 128)).astype(np.uint8), "YX")
+
+    def on_a_worker(device, precision, ndim):
+        distributed.get_worker()  # raises outside a worker: the head must not answer for it
+        return "cpu", 2**20, "bf16" if precision == "auto" else precision
+
+    monkeypatch.setattr(predict, "resolve_device", on_a_worker)
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            predict_image(path, image_path, tmp_path / "out.ome.zarr", scheduler="distributed", precision="auto")
+    provenance = io.open_image(tmp_path / "out.ome.zarr").attrs["unet_core"]
+    small = default_tile_shape(model, (96, 128), "cpu", memory_budget=2**20)
+    assert provenance["precision"] == "bf16"
+    assert tuple(provenance["tile"]) == small != default_tile_shape(model, (96, 128), "cpu")
+
+
+def test_a_gpu_less_head_places_blocks_for_a_gpu_worker(tmp_path):
+    """The head places blocks for CUDA workers from the budget a worker reported, without CUDA."""
+    from unet_core.predict import block_layout
+
+    model, path = _model_file(tmp_path / "m.pt", ndim=3)
+    image_path = _image(tmp_path, np.zeros((40, 200, 300), np.uint8), "ZYX")
+    layout = block_layout(model, path, image_path, None, None, "cuda", None, False, memory_budget=2**30)
+    assert layout.tile == default_tile_shape(model, (40, 200, 300), "cuda", memory_budget=2**30)
+
+
+def test_resolve_device_names_the_host_when_cuda_is_missing():
+    from unet_core.predict import resolve_device
+
+    assert resolve_device("cpu", "auto", 3) == ("cpu", None, "fp32")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        resolve_device("cuda", "auto", 2)

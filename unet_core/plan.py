@@ -33,8 +33,7 @@ from .checkpoint import load_model
 from .cost import architecture, default_tile_shape, walk
 from .defaults import default
 from .normalize import Normalization, normalization_table
-from .precision import resolve_precision
-from .predict import Job, block_layout, create_output, probability_scale, run_blocks
+from .predict import Job, block_layout, create_output, probability_scale, resolve_device, run_blocks
 from .tiling import axis_origins
 
 __all__ = ["Plan", "plan_prediction"]
@@ -130,10 +129,9 @@ def plan_prediction(model_path: str | Path, image_path: str | Path, *, workers: 
         raise ValueError(f"workers must be >= 1, got {workers}")
     scale = probability_scale(dtype)
     model_path, image_path = Path(model_path), Path(image_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(precision, device)
     started = time.perf_counter()
     model, checkpoint = load_model(model_path, "cpu")
+    device, _, precision = resolve_device(device, precision, model.ndim)
     layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
     image, tile = layout.image, layout.tile
     startup = time.perf_counter() - started

@@ -12,11 +12,13 @@ Spatial is ``(Y, X)`` for a 2D model and ``(Z, Y, X)`` for 3D.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from . import blocklog, io
 from .atomic import publish, remove_stale
 from .checkpoint import load_model
-from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, forward_memory
+from .cost import CPU_MEMORY_BUDGET, default_block_shape, default_tile_shape, device_memory_budget, forward_memory
 from .model import UNet
 from .defaults import choices, default
 from .normalize import Normalization, NormalizationTable, normalization_table
@@ -45,7 +47,7 @@ from .tiling import read_reflected
 # predict_tiled, default_tile_shape, forward_memory, load_model and CPU_MEMORY_BUDGET live in
 # overlap_tile, cost and checkpoint; they are importable from here as before.
 __all__ = ["predict_image", "Job", "Layout", "block_layout", "create_output", "run_blocks", "read_block_input",
-           "probability_scale", "predict_tiled", "default_tile_shape", "forward_memory", "load_model",
+           "resolve_device", "probability_scale", "predict_tiled", "default_tile_shape", "forward_memory", "load_model",
            "CPU_MEMORY_BUDGET"]
 
 # Per worker stream: blocks whose input is read ahead, and writes that may be pending, while the
@@ -196,7 +198,7 @@ def _pipeline(job: Job, block_ids: list[int], log: blocklog.TaskLog, progress) -
             if index + _READ_AHEAD < len(block_ids):
                 reads.append(reader.submit(read_block_input, job, image, block_ids[index + _READ_AHEAD], model))
             probs = predict_padded(model, padded, size, tile, batch_size=job.batch_size, device=job.device,
-                                   tta=job.tta, precision=job.precision)
+                                   tta=job.tta, precision=job.precision, full_batches=job.compile)
             writes.append(writer.submit(write, where, origin, size, probs, block_id))
             while len(writes) > _WRITE_BEHIND:
                 writes.popleft().result()
@@ -206,10 +208,15 @@ def _pipeline(job: Job, block_ids: list[int], log: blocklog.TaskLog, progress) -
             future.result()
 
 
-def _fingerprint(model_path: Path, image: io.Image, settings: dict) -> dict:
+def _fingerprint(model_path: Path, image: io.Image, block_shape, tile_shape, dtype: str, tta: bool,
+                 table: NormalizationTable, precision: str) -> dict:
+    """What a partial output was started with: it is resumed only when all of it is the same."""
+    normalization = hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest()
     return {"model_sha256": io.sha256_file(model_path), "image": str(image.path),
             "image_sha256": image.attrs.get("unet_core", {}).get("provenance", {}).get("sha256", ""),
-            "shape": list(image.shape), **settings}
+            "shape": list(image.shape), "block": list(block_shape), "tile": list(tile_shape) if tile_shape else None,
+            "dtype": dtype, "tta": tta, "normalization": normalization,
+            **({"precision": precision} if precision != "fp32" else {})}  # fp32 runs before precisions resume
 
 
 def predict_image(
@@ -239,6 +246,8 @@ def predict_image(
         2**depth) * 2**depth``, of ``tile_shape`` or the image's default tile), capped by the
         image: two tiles per axis cover a full block, reaching 4 px past it.
     tile_shape : output tile inside a block; None = fast default for the device.
+    device : where the blocks run; None = CUDA where torch sees a GPU, else the CPU, decided by
+        the machine that runs them (on a cluster a worker, asked once: :func:`resolve_device`).
     dtype : ``float16``, ``float32`` or ``uint8`` (probability x 255).
     tta : average over flips/rotations (test-time augmentation).
     precision : ``fp32`` (exact), ``bf16``, ``fp16``, or ``auto`` (bf16 on a CUDA GPU that has it).
@@ -266,42 +275,69 @@ def predict_image(
     are logged), and the output is published by rename when all blocks are done.
     """
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, checkpoint = load_model(model_path, "cpu")
-    scale, precision = probability_scale(dtype), resolve_precision(precision, device)
-    slurm_settings = _slurm_settings(scheduler, slurm)
-    layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise)
-    image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
-    loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
-    table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
-    settings = {"block": list(block_shape), "tile": list(tile_shape) if tile_shape else None, "dtype": dtype, "tta": tta,
-                "normalization": hashlib.sha256(json.dumps(table.as_dict(max_rows=10**9)).encode()).hexdigest(),
-                **({"precision": precision} if precision != "fp32" else {})}  # fp32 runs before precisions resume
-    fingerprint = _fingerprint(model_path, image, settings)
-    partial = output_path.parent / f".{output_path.name}.partial"
-    remove_stale(output_path)  # a folder renamed aside by a killed publish (file systems that cannot exchange)
-    resumed = partial.exists() and _read_fingerprint(partial) == fingerprint
-    if not resumed:
-        provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
-                      "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
-                      "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta, "compiled": compile,
-                      "precision": precision, **_tile_record(layout, tile_shape, device),
-                      **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
-        _start_partial(partial, fingerprint, model, layout, dtype, output_path.name, provenance)
-    todo = np.setdiff1d(np.arange(layout.blocks, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
-    job = Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
-               block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, table, scale, tta,
-               fingerprint["model_sha256"], precision, compile)
-    desc = f"predict {image_path.name}"
+    scale, slurm_settings = probability_scale(dtype), _slurm_settings(scheduler, slurm)
+    with _cluster(scheduler, slurm_settings) as client:
+        # The device that runs the blocks decides the tile, the block and the precision: on a
+        # cluster a worker's (the head is often a CPU node), asked once here.
+        device, budget, precision = (resolve_device(device, precision, model.ndim) if client is None else
+                                     client.submit(resolve_device, device, precision, model.ndim, pure=False).result())
+        layout = block_layout(model, model_path, image_path, block_shape, tile_shape, device, batch_size, planewise,
+                              budget)
+        image, spatial, block_shape = layout.image, layout.spatial, layout.block_shape
+        loop_axes, loop_shape, block_grid = layout.loop_axes, layout.loop_shape, layout.block_grid
+        table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")), loop_axes)
+        fingerprint = _fingerprint(model_path, image, block_shape, tile_shape, dtype, tta, table, precision)
+        partial = output_path.parent / f".{output_path.name}.partial"
+        remove_stale(output_path)  # a folder renamed aside by a killed publish (file systems that cannot exchange)
+        resumed = partial.exists() and _read_fingerprint(partial) == fingerprint
+        if not resumed:
+            provenance = {"model": str(model_path), "model_card": str(model_path.with_name("model_card.json")),
+                          "source": str(image_path), "model_ndim": model.ndim, "probability_scale": scale,
+                          "normalization": table.as_dict(), "block_shape": list(block_shape), "tta": tta,
+                          "compiled": compile, "precision": precision, **_tile_record(layout, tile_shape, device),
+                          **{k: checkpoint[k] for k in ("training_objects",) if k in checkpoint}}
+            _start_partial(partial, fingerprint, model, layout, dtype, output_path.name, provenance)
+        todo = np.setdiff1d(np.arange(layout.blocks, dtype=np.int64), blocklog.finished_blocks(_log_dir(partial)))
+        job = Job(str(model_path), str(image_path), str(partial), spatial, loop_axes, loop_shape, block_shape,
+                  block_grid, tuple(tile_shape) if tile_shape else None, batch_size, device, table, scale, tta,
+                  fingerprint["model_sha256"], precision, compile)
+        _schedule(job, todo, scheduler, partitions, f"predict {image_path.name}", client,
+                  slurm_settings.maximum_workers if slurm_settings else 1)
+    _publish(partial, output_path, layout.blocks)
+    return {"blocks": layout.blocks, "computed": len(todo), "reused": layout.blocks - len(todo), "resumed": resumed}
+
+
+def resolve_device(device: str | None, precision: str, ndim: int) -> tuple[str, int | None, str]:
+    """Where this process runs blocks: the device (``device``, default CUDA when torch sees a GPU,
+    else the CPU), the memory budget of a ``ndim``-D model's forward pass there (None on a CPU:
+    ``CPU_MEMORY_BUDGET``) and ``precision`` resolved for it. On a cluster it runs on a worker.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch on {socket.gethostname()} sees no CUDA GPU (torch "
+                         f"{torch.__version__}, built for CUDA {torch.version.cuda or 'no'}); run on a GPU node "
+                         f"with a CUDA build of torch (README, 'GPU'), or leave the device unset to use the CPU")
+    budget = device_memory_budget(ndim, device) if torch.device(device).type == "cuda" else None
+    return device, budget, resolve_precision(precision, device)
+
+
+@contextlib.contextmanager
+def _cluster(scheduler: str, slurm_settings):
+    """The ``dask.distributed`` client that runs the blocks: the current one (``distributed``),
+    SLURM worker jobs started for this call (``slurm``; always closed), or None (dask's local
+    schedulers)."""
     if scheduler == "slurm":
         from .cluster import slurm_client
 
         with slurm_client(slurm_settings) as client:
-            _schedule_distributed(client, job, todo, partitions, desc, slurm_settings.maximum_workers)
+            yield client
+    elif scheduler == "distributed":
+        from distributed import get_client
+
+        yield get_client()
     else:
-        _schedule(job, todo, scheduler, partitions, desc)
-    _publish(partial, output_path, layout.blocks)
-    return {"blocks": layout.blocks, "computed": len(todo), "reused": layout.blocks - len(todo), "resumed": resumed}
+        yield None
 
 
 def _slurm_settings(scheduler: str, slurm: dict | None):
@@ -373,8 +409,9 @@ class Layout:
 
 
 def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, tile_shape, device: str,
-                 batch_size: int | None, planewise: bool) -> Layout:
-    """Check that ``model`` can predict the image and place its blocks (metadata only)."""
+                 batch_size: int | None, planewise: bool, memory_budget: int | None = None) -> Layout:
+    """Check that ``model`` can predict the image and place its blocks (metadata only); default
+    tiles fill ``memory_budget`` (default: ``device``'s, :func:`unet_core.cost.device_memory_budget`)."""
     image = io.open_image(image_path)
     spatial = "yx" if model.ndim == 2 else "zyx"
     if not set(spatial) <= set(image.axes):
@@ -393,7 +430,7 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
     if tile_shape is not None:
         model.input_shape_for(tuple(tile_shape))
     if block_shape is None:
-        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1)
+        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1, memory_budget)
     block_shape = tuple(int(b) for b in block_shape)
     if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
         raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
@@ -401,7 +438,7 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
                          f"(two tile steps per axis)")
     if tile_shape is None:  # fails here, not in a worker, when no tile fits the memory budget
         tile = default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
-                                  batch_size=batch_size or 1)
+                                  memory_budget, batch_size or 1)
     else:
         tile = tuple(tile_shape)
     loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
@@ -430,14 +467,14 @@ def _read_fingerprint(partial: Path) -> dict | None:
         return None
 
 
-def _schedule(job: Job, todo: np.ndarray, scheduler: str, partitions: int | None, desc: str) -> None:
-    """Run the blocks: local schedulers get ``partitions`` tasks (default 1 pipelined stream)."""
-    if not len(todo):
+def _schedule(job: Job, todo: np.ndarray, scheduler: str, partitions: int | None, desc: str, client=None,
+              expected_workers: int = 1) -> None:
+    """Run the blocks: on ``client``'s cluster (:func:`_schedule_distributed`), else on a local
+    scheduler in ``partitions`` tasks (default 1 pipelined stream)."""
+    if client is not None:
+        _schedule_distributed(client, job, todo, partitions, desc, expected_workers)
         return
-    if scheduler == "distributed":
-        from distributed import get_client
-
-        _schedule_distributed(get_client(), job, todo, partitions, desc)
+    if not len(todo):
         return
     run = uuid.uuid4().hex[:8]
     chunks = [c for c in np.array_split(todo, partitions or 1) if len(c)]
