@@ -231,6 +231,45 @@ def test_mixed_precision_training_follows_fp32(stacks, tmp_path, monkeypatch, pr
     assert json.loads((tmp_path / "fp32" / "model_card.json").read_text())["precision"] == "fp32"
 
 
+def test_fp16_resume_keeps_the_loss_scale(stacks, tmp_path, monkeypatch):
+    """fp16 with loss scaling: a training stopped at step 20 and resumed ends with the weights and
+    the loss scale of an uninterrupted one (the checkpoint holds GradScaler's calibrated scale;
+    restarting at 2**16 can skip steps again). Run on a CPU in place of a GPU."""
+    from unet_core import train as training
+    from unet_core.train import TrainingInterrupted
+
+    monkeypatch.setattr(training, "training_precision", lambda amp, device: "fp16")
+    settings = TrainSettings(**{**SETTINGS, "steps": 30, "dropout": 0.0, "checkpoint_every": 10})
+    run = dict(train_images=[str(stacks["image"])], train_weights=[str(stacks["weights"])], settings=settings)
+    train(out_dir=tmp_path / "straight", **run)
+
+    class StopAtStep20:  # _StopRequest as if SIGTERM came during step 20
+        reads = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        @property
+        def signal(self):
+            StopAtStep20.reads += 1
+            return signal.SIGTERM if StopAtStep20.reads == 20 else None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_StopRequest", StopAtStep20)
+        with pytest.raises(TrainingInterrupted):
+            train(out_dir=tmp_path / "resumed", **run)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 20 and state["scaler"]["scale"] < 2.0**16  # calibrated down from the start
+    train(out_dir=tmp_path / "resumed", **run)
+    straight, resumed = (torch.load(tmp_path / d / "model.pt", weights_only=True)["model"] for d in ("straight", "resumed"))
+    assert weights_digest(straight) == weights_digest(resumed)
+    scales = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["scaler"] for d in ("straight", "resumed")]
+    assert scales[0] == scales[1]
+
+
 def test_training_precision_is_fp32_on_a_cpu_and_without_amp():
     from unet_core.precision import needs_loss_scaling, training_precision
 

@@ -288,7 +288,7 @@ def _upload(batch, device: torch.device, memory_format: torch.memory_format):
     return image.contiguous(memory_format=memory_format), target, weight
 
 
-def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity, log_rows) -> None:
+def _save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, step, identity, log_rows) -> None:
     state = {
         "model": model.state_dict(), "architecture": model.config(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "step": step, "identity": json.dumps(identity),
@@ -296,7 +296,21 @@ def _save_checkpoint(path: Path, *, model, optimizer, scheduler, step, identity,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if scaler.is_enabled():  # fp16: the loss scale it has calibrated (a resume must not restart at 2**16)
+        state["scaler"] = scaler.state_dict()
     write_checkpoint(path, state)
+
+
+def _restore(state: dict, *, model, optimizer, scheduler, scaler) -> None:
+    """Put back what :func:`_save_checkpoint` wrote, random number generators included."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def train(*, train_images: list[str], train_weights: list[str | None] | None = None, val_images: list[str] = (),
@@ -340,6 +354,9 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
     start_step, log_rows = 0, []
     identity = {"settings": asdict(settings), "data": [s.sha256 for s in stacks], "val": [s.sha256 for s in val_stacks],
                 "augmentation": AUGMENTATION_VERSION}
+    precision = training_precision(settings.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(precision))
+    state_kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     state = read_or_set_aside(checkpoint_path, device)
     if state is not None:
         if json.loads(state.get("identity", "{}")) != identity:
@@ -349,12 +366,7 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
             warnings.warn(f"{checkpoint_path} was written for other settings, data or augmentation code; "
                           f"starting afresh (kept as {stale.name})", stacklevel=2)
         else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            _restore(state, **state_kwargs)
             start_step, log_rows = int(state["step"]), json.loads(state["log"])
             print(f"train: resuming from {checkpoint_path} at step {start_step} of {settings.steps}", file=sys.stderr)
     dataset = TileDataset(stacks, model, settings)
@@ -363,12 +375,9 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
         num_workers=settings.num_workers, generator=torch.Generator().manual_seed(settings.seed),
         persistent_workers=False, prefetch_factor=4 if settings.num_workers else None, pin_memory=device.type == "cuda",
     )
-    precision = training_precision(settings.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(precision))
     started = time.perf_counter()
-    running: list[float] = []
+    running: list[torch.Tensor] = []
     model.train()
-    state_kwargs = dict(model=model, optimizer=optimizer, scheduler=scheduler, identity=identity)
     with _StopRequest() as stop, tqdm(total=settings.steps, initial=start_step, desc="train", unit="step") as bar:
         for step, batch in enumerate(loader, start=start_step + 1):
             image, target, weight = _upload(batch, device, memory_format)
@@ -386,20 +395,20 @@ def _train(train_images, train_weights, val_images, val_weights, out_dir: Path, 
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            running.append(loss.item())
+            running.append(loss.detach())  # read at the next log line: no wait for the GPU on every step
             bar.update(1)
             if step % settings.log_every == 0 or step == settings.steps:
-                row = {"step": step, "loss": float(np.mean(running)), "lr": scheduler.get_last_lr()[0],
-                       "seconds": round(time.perf_counter() - started, 2)}
+                row = {"step": step, "loss": float(np.mean([r.item() for r in running])),
+                       "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - started, 2)}
                 running = []
                 if val_stacks and (step % settings.validate_every == 0 or step == settings.steps):
                     row.update(_validate(model, val_stacks, device))
                 log_rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, **state_kwargs)
+                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, identity=identity, **state_kwargs)
             if stop.signal is not None:
-                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, **state_kwargs)
+                _save_checkpoint(checkpoint_path, step=step, log_rows=log_rows, identity=identity, **state_kwargs)
                 raise TrainingInterrupted(f"stopped by signal {stop.signal} after step {step}; "
                                           f"rerun the same command to resume from {checkpoint_path}")
     model.eval()
