@@ -63,8 +63,10 @@ def _sync(device) -> None:
 
 
 def _model_only(model_path: Path, image_path: Path, device: str, precision: str, planewise: bool,
-                compile: bool) -> float:
-    """Seconds of the tile loop over every block (inputs read beforehand)."""
+                compile: bool) -> tuple[float, float]:
+    """Seconds of the tile loop over every block (inputs read beforehand), and of the warm-up
+    passes of each block shape before it (where a compiled model compiles). Batches as
+    predict_image's default (``batch_size`` null)."""
     from unet_core import io
     from unet_core.checkpoint import load_model
     from unet_core.normalize import Normalization, normalization_table
@@ -72,25 +74,28 @@ def _model_only(model_path: Path, image_path: Path, device: str, precision: str,
     from unet_core.predict import Job, block_layout, read_block_input
 
     model, checkpoint = load_model(model_path, "cpu")
-    layout = block_layout(model, model_path, image_path, None, None, device, 1, planewise)
+    layout = block_layout(model, model_path, image_path, None, None, device, None, planewise)
     image = io.open_image(image_path)
     table = normalization_table(image, Normalization.from_checkpoint(checkpoint.get("normalization")),
                                 layout.loop_axes)
     job = Job(str(model_path), str(image_path), "", layout.spatial, layout.loop_axes, layout.loop_shape,
-              layout.block_shape, layout.block_grid, None, 1, device, table, 1.0, False, "", precision)
+              layout.block_shape, layout.block_grid, None, None, device, table, 1.0, False, "", precision)
     model.eval().to(device=device, memory_format=memory_format(model.ndim))
     model = compiled(model) if compile else model
     inputs = [read_block_input(job, image, block, model) for block in range(layout.blocks)]
+    run = dict(device=device, precision=precision, batch_size=None, full_batches=compile)
+    began = time.perf_counter()
     for _, _, size, tile, padded in {(s, t): (w, o, s, t, p) for w, o, s, t, p in inputs}.values():
-        predict_padded(model, padded, size, tile, device=device, precision=precision)  # warm-up, every shape
-    seconds = 0.0
+        predict_padded(model, padded, size, tile, **run)  # warm-up, every shape
+    _sync(device)
+    warm_up, seconds = time.perf_counter() - began, 0.0
     for _, _, size, tile, padded in inputs:
         _sync(device)
         began = time.perf_counter()
-        predict_padded(model, padded, size, tile, device=device, precision=precision)
+        predict_padded(model, padded, size, tile, **run)
         _sync(device)
         seconds += time.perf_counter() - began
-    return seconds
+    return seconds, warm_up
 
 
 def main() -> None:
@@ -126,7 +131,7 @@ def main() -> None:
             voxels = int(np.prod(shape))
             outputs = {}
             for precision, compile in itertools.product(args.precisions, (False, True) if args.compile else (False,)):
-                model_only = _model_only(work / f"{name}.pt", image, device, precision, ndim == 2, compile)
+                model_only, warm_up = _model_only(work / f"{name}.pt", image, device, precision, ndim == 2, compile)
                 seconds = []
                 for run in ("warm-up", "timed"):
                     out = work / f"{name}-{precision}-{compile}-{run}.ome.zarr"
@@ -140,7 +145,7 @@ def main() -> None:
                 variant = precision + (" compiled" if compile else "")
                 rows.append((name, features, depth, shape, variant, voxels / model_only / 1e6, voxels / seconds[1] / 1e6))
                 print(f"  {name} {variant}: model only {rows[-1][5]:.2f} MVox/s, zarr -> zarr {rows[-1][6]:.2f} MVox/s"
-                      + (f", compiling took {seconds[0] - seconds[1]:.0f} s" if compile else ""), flush=True)
+                      + (f", first pass of each block shape (compiling) {warm_up:.0f} s" if compile else ""), flush=True)
             for (precision, compile), probs in outputs.items():
                 if (precision, compile) != ("fp32", False) and ("fp32", False) in outputs:
                     difference = np.abs(probs - outputs["fp32", False])
