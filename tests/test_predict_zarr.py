@@ -309,3 +309,20 @@ def test_resolve_device_names_the_host_when_cuda_is_missing():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         resolve_device("cuda", "auto", 2)
+
+
+def test_bad_input_fails_before_slurm_worker_jobs_are_queued(tmp_path, monkeypatch):
+    """A block off the pooling grid is refused with the rule, and with scheduler slurm before any
+    worker job is asked for (the head asks a worker for its device only after the checks)."""
+    from unet_core import cluster
+
+    def no_jobs(settings):
+        raise AssertionError("worker jobs were queued for a job with bad input")
+
+    monkeypatch.setattr(cluster, "slurm_client", no_jobs)
+    _, path = _model_file(tmp_path / "m.pt")
+    image_path = _image(tmp_path, np.zeros((64, 64), np.uint8), "YX")
+    for scheduler in ("synchronous", "slurm"):
+        with pytest.raises(ValueError, match=r"block_shape \(30, 32\) must have 2 positive multiples of 4"):
+            predict_image(path, image_path, tmp_path / "out.ome.zarr", block_shape=(30, 32), scheduler=scheduler)
+    assert not (tmp_path / "out.ome.zarr").exists() and not (tmp_path / ".out.ome.zarr.partial").exists()

@@ -46,9 +46,9 @@ from .tiling import read_reflected
 
 # predict_tiled, default_tile_shape, forward_memory, load_model and CPU_MEMORY_BUDGET live in
 # overlap_tile, cost and checkpoint; they are importable from here as before.
-__all__ = ["predict_image", "Job", "Layout", "block_layout", "create_output", "run_blocks", "read_block_input",
-           "resolve_device", "probability_scale", "predict_tiled", "default_tile_shape", "forward_memory", "load_model",
-           "CPU_MEMORY_BUDGET"]
+__all__ = ["predict_image", "Job", "Layout", "block_layout", "check_inputs", "create_output", "run_blocks",
+           "read_block_input", "resolve_device", "probability_scale", "predict_tiled", "default_tile_shape",
+           "forward_memory", "load_model", "CPU_MEMORY_BUDGET"]
 
 # Per worker stream: blocks whose input is read ahead, and writes that may be pending, while the
 # model computes a block. Two reads in flight hide a storage latency up to twice the compute time.
@@ -277,6 +277,7 @@ def predict_image(
     model_path, image_path, output_path = Path(model_path), Path(image_path), Path(output_path)
     model, checkpoint = load_model(model_path, "cpu")
     scale, slurm_settings = probability_scale(dtype), _slurm_settings(scheduler, slurm)
+    check_inputs(model, model_path, image_path, block_shape, tile_shape, planewise)  # before worker jobs start
     with _cluster(scheduler, slurm_settings) as client:
         # The device that runs the blocks decides the tile, the block and the precision: on a
         # cluster a worker's (the head is often a CPU node), asked once here.
@@ -412,6 +413,26 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
                  batch_size: int | None, planewise: bool, memory_budget: int | None = None) -> Layout:
     """Check that ``model`` can predict the image and place its blocks (metadata only); default
     tiles fill ``memory_budget`` (default: ``device``'s, :func:`unet_core.cost.device_memory_budget`)."""
+    image = check_inputs(model, model_path, image_path, block_shape, tile_shape, planewise)
+    spatial, grid = ("yx" if model.ndim == 2 else "zyx"), 2**model.depth
+    spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
+    if block_shape is None:
+        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1, memory_budget)
+    block_shape = tuple(int(b) for b in block_shape)
+    if tile_shape is None:  # fails here, not in a worker, when no tile fits the memory budget
+        tile = default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
+                                  memory_budget, batch_size or 1)
+    else:
+        tile = tuple(tile_shape)
+    loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
+    loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
+    block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
+    return Layout(image, spatial, spatial_shape, block_shape, loop_axes, loop_shape, block_grid, tile)
+
+
+def check_inputs(model: UNet, model_path: Path, image_path: Path, block_shape, tile_shape, planewise: bool) -> io.Image:
+    """The image, once checked against ``model`` and the given block and tile shapes: what can be
+    checked before the device is known (before worker jobs are queued)."""
     image = io.open_image(image_path)
     spatial = "yx" if model.ndim == 2 else "zyx"
     if not set(spatial) <= set(image.axes):
@@ -425,26 +446,15 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
     if channels != model.in_channels:
         raise ValueError(f"{image_path}: image has {channels} channel(s), the model {model_path} expects "
                          f"{model.in_channels}")
-    grid = 2**model.depth
-    spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
     if tile_shape is not None:
         model.input_shape_for(tuple(tile_shape))
-    if block_shape is None:
-        block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1, memory_budget)
-    block_shape = tuple(int(b) for b in block_shape)
-    if len(block_shape) != model.ndim or any(b % grid or b <= 0 for b in block_shape):
-        raise ValueError(f"block_shape {block_shape} must have {model.ndim} positive multiples of {grid} "
+    grid = 2**model.depth
+    if block_shape is not None and (len(block_shape) != model.ndim or any(int(b) % grid or int(b) <= 0
+                                                                          for b in block_shape)):
+        raise ValueError(f"block_shape {tuple(block_shape)} must have {model.ndim} positive multiples of {grid} "
                          f"(2**depth, the pooling grid), e.g. {(32 * grid,) * model.ndim}, or None for the default "
                          f"(two tile steps per axis)")
-    if tile_shape is None:  # fails here, not in a worker, when no tile fits the memory budget
-        tile = default_tile_shape(model, tuple(min(b, s) for b, s in zip(block_shape, spatial_shape)), device,
-                                  memory_budget, batch_size or 1)
-    else:
-        tile = tuple(tile_shape)
-    loop_axes = tuple(a for a in image.axes if a not in spatial and a != "c")
-    loop_shape = tuple(image.shape[image.axes.index(a)] for a in loop_axes)
-    block_grid = tuple(-(-s // b) for s, b in zip(spatial_shape, block_shape))
-    return Layout(image, spatial, spatial_shape, block_shape, loop_axes, loop_shape, block_grid, tile)
+    return image
 
 
 def create_output(path: Path, model: UNet, layout: Layout, dtype: str, name: str, attributes: dict) -> None:
