@@ -138,7 +138,7 @@ def read_block_input(job: Job, image, block_id: int, model: UNet):
     spatial = view.shape[1:]
     size = tuple(min(b, s - o) for b, s, o in zip(job.block, spatial, origin))
     tile = tuple(job.tile) if job.tile else default_tile_shape(model, size, job.device, batch_size=job.batch_size or 1)
-    data = read_reflected(view, *padded_region(model, origin, size, tile)).astype(np.float32)
+    data = read_reflected(view, *padded_region(model, origin, size, tile))
     return where, origin, size, tile, job.normalization.apply(data, where)
 
 
@@ -185,7 +185,7 @@ def _pipeline(job: Job, block_ids: list[int], log: blocklog.TaskLog, progress) -
                 selection.append(slice(origin[k], origin[k] + size[k]))
         order = ["c", *job.spatial]
         kept = [a for a in out_axes if a not in where]
-        output[tuple(selection)] = np.transpose(probs, [order.index(a) for a in kept]).astype(output.dtype)
+        output[tuple(selection)] = np.transpose(probs, [order.index(a) for a in kept]).astype(output.dtype, copy=False)
         log.add(block_id)
 
     with ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="unet-read") as reader, \
