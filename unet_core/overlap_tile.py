@@ -23,8 +23,8 @@ from .tiling import read_reflected, tile_origins
 __all__ = ["predict_tiled", "predict_padded", "padded_region", "forward_probabilities", "memory_format", "compiled"]
 
 _LOG = logging.getLogger(__name__)
-# Input shapes a compiled model may see (see compiled): 2**3 block shapes, times two for rotated
-# 2D tiles, times two for a tile and batch that a worker computes itself, with room to spare.
+# Input shapes a compiled model may see (see compiled): up to 2**3 block shapes, twice that for
+# rotated 2D tiles, and room for batches halved after running out of memory.
 _COMPILED_SHAPES = 64
 
 
@@ -42,9 +42,10 @@ def compiled(model: UNet) -> UNet:
     non-square tile; :func:`predict_padded` fills a block's last batch up to the block's batch
     size). Static shapes: torch 2.13's dynamic-shape lowering of the 3D transposed convolution
     fails on a CPU. Dynamo's limit of compiled shapes per function is raised to
-    ``_COMPILED_SHAPES``: past it, it would run eager without saying so. Results equal the eager model's within float rounding (bitwise in the tests
-    here). Needs a C++ compiler on a CPU, Triton on CUDA (part of CUDA builds of torch).
-    Measured in ``bench/gpu.py --compile`` (docs/predict.md).
+    ``_COMPILED_SHAPES``: past it, it would run eager without saying so. Results equal the eager
+    model's within float rounding (bitwise in the tests here). Needs a C++ compiler on a CPU,
+    Triton on CUDA (part of CUDA builds of torch). Measured in ``bench/gpu.py --compile``
+    (docs/predict.md).
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _COMPILED_SHAPES)
     return torch.compile(model, dynamic=False)
@@ -208,7 +209,7 @@ def predict_padded(model: UNet, padded: np.ndarray, size: Sequence[int], tile: S
                     f"predict.tile (or free the device): {error}") from error
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            _LOG.warning("out of memory on %s with %d tiles %s per pass: the block again with %d "
+            _LOG.warning("out of memory on %s with %d tiles %s per pass: the region again with %d "
                          "(predict.batch_size fixes it)", device, batch_size, tile, batch_size // 2)
             batch_size //= 2
 
