@@ -83,7 +83,7 @@ def walk(arch: Architecture, input_shape: tuple, batch_size: int, cpu: bool) -> 
     together (ReLU is in place; an eval-mode batch norm makes a new map); on the way up the
     up-convolution output, the concatenation and the block's outputs coexist. On the CPU,
     convolutions that torch runs without oneDNN add their im2col buffer and format copies.
-    Lengths may be int64 arrays (broadcast together): then both results are arrays.
+    Lengths may be int64 arrays (broadcast together): then the results are arrays.
     """
     n = arch.ndim
     peak = macs = largest = 0
