@@ -15,8 +15,8 @@ The two alternate ``--repeats`` times (default 3), so that each pair runs under 
 of a shared machine. Throughput is unique output voxels per second of the fastest run of each.
 Printed per model and precision: both rates, zarr -> zarr / model only as the median of the
 paired ratios (how much of the model's speed the pipeline keeps) and fastest against fastest,
-bf16 / fp32, and the largest difference of the bf16 probabilities to the fp32 ones. Runs on a CPU too (the
-default there is smaller; a bf16 CPU pass needs AVX512-BF16 or AMX to be fast).
+bf16 / fp32, and the largest difference of the bf16 probabilities to the fp32 ones. Runs on a
+CPU too (the default there is smaller; a bf16 CPU pass needs AVX512-BF16 or AMX to be fast).
 
 --compile adds the same runs with ``predict.compile`` (torch.compile; compiled in the untimed
 warm-ups, whose extra seconds are printed), each against the eager run of its precision.
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 # Each volume has 6 or more blocks: a block's read (with context) and its write overlap the
 # next and previous blocks' forward passes, so with one or two blocks (the earlier 3D sizes,
 # 256 x 512 x 512 on an 80 GiB GPU and 128 x 256 x 256 here) the ratio measured the start and end
-# of the pipeline rather than its throughput (here 0.64-0.96 between runs, now 0.92-0.95).
+# of the pipeline rather than its throughput (0.64-0.96 between runs on a 2-core CPU).
 SIZES = {
     "cuda": {"2d": (64, 4, (16, 2048, 2048)), "3d": (32, 4, (256, 1024, 1024))},
     "cpu": {"2d": (64, 4, (2, 768, 768)), "3d": (8, 3, (128, 512, 512))},

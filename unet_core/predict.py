@@ -414,7 +414,7 @@ def block_layout(model: UNet, model_path: Path, image_path: Path, block_shape, t
     """Check that ``model`` can predict the image and place its blocks (metadata only); default
     tiles fill ``memory_budget`` (default: ``device``'s, :func:`unet_core.cost.device_memory_budget`)."""
     image = check_inputs(model, model_path, image_path, block_shape, tile_shape, planewise)
-    spatial, grid = ("yx" if model.ndim == 2 else "zyx"), 2**model.depth
+    spatial = "yx" if model.ndim == 2 else "zyx"
     spatial_shape = tuple(image.shape[image.axes.index(a)] for a in spatial)
     if block_shape is None:
         block_shape = default_block_shape(model, spatial_shape, device, tile_shape, batch_size or 1, memory_budget)
